@@ -1,0 +1,75 @@
+"""evaluate: metrics, plot data, a predictions table and a gallery of mistakes on the val split.
+
+python -m stages.evaluate --data data/prepared --model models --metrics metrics/eval.json --plots plots/eval
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.data import center_crop, load_split
+from stages.figures import chw_to_hwc, image_grid, save_figure
+from stages.fileio import atomic_path, log, run_main, write_json
+from stages.model import load_checkpoint
+from stages.params import load_params, select_device
+from stages.scoring import (classification_metrics, confusion, pr_points, reliability_table,
+                            roc_points)
+from stages.training import predict_logits, probabilities
+
+
+def predictions_table(paths, y_true, proba, classes) -> pd.DataFrame:
+    y_pred = proba.argmax(1)
+    table = pd.DataFrame({"path": paths, "true": [classes[i] for i in y_true],
+                          "predicted": [classes[i] for i in y_pred]})
+    for i, name in enumerate(classes):
+        table[f"p_{name}"] = proba[:, i].round(6)
+    table["correct"] = y_true == y_pred
+    return table
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    for flag in ("--data", "--model", "--metrics", "--plots"):
+        ap.add_argument(flag, type=Path, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    device = select_device(p.train.device)
+    model, meta = load_checkpoint(args.model)
+    classes = meta["classes"]
+    val = load_split(args.data, "val")
+
+    logits = predict_logits(model.to(device), val.images, meta["input_size"], device)
+    proba = probabilities(logits, meta["loss"]).numpy().astype(np.float64)
+    y_true = val.labels.numpy()
+    y_pred = proba.argmax(1)
+    scores = classification_metrics(y_true, proba, classes, p.evaluate.ece_bins)
+    table = predictions_table(val.paths, y_true, proba, classes)
+
+    wrong = np.flatnonzero(y_pred != y_true)[: p.evaluate.gallery_max]
+    crops = center_crop(val.images[wrong], meta["input_size"]).float() / 255
+    gallery = image_grid([chw_to_hwc(c) for c in crops],
+                         [f"{val.paths[i].split('/')[-1][:18]}\ntrue {classes[y_true[i]]}, "
+                          f"pred {classes[y_pred[i]]} ({proba[i, y_pred[i]]:.2f})" for i in wrong],
+                         suptitle=f"Misclassified val images: {int((y_pred != y_true).sum())} of {len(y_true)}"
+                                  + (f" (first {len(wrong)} shown)" if len(wrong) < (y_pred != y_true).sum() else ""))
+
+    cm = confusion(y_true, y_pred, len(classes))
+    with atomic_path(args.plots) as out:
+        out.mkdir()
+        table[["path", "true", "predicted"]].rename(columns={"true": "actual"}).to_csv(out / "confusion.csv", index=False)
+        table.to_csv(out / "predictions.csv", index=False)
+        pd.DataFrame(roc_points(y_true, proba)).to_csv(out / "roc.csv", index=False)
+        pd.DataFrame(pr_points(y_true, proba)).to_csv(out / "precision_recall.csv", index=False)
+        pd.DataFrame(reliability_table(y_true, proba, p.evaluate.ece_bins)).to_csv(out / "reliability.csv", index=False)
+        save_figure(gallery, out / "misclassified.png")
+    write_json(args.metrics, scores)
+    log(f"evaluate: accuracy {scores['accuracy']:.4f}, balanced {scores['balanced_accuracy']:.4f}, "
+        f"AUC {scores['roc_auc'] if scores['roc_auc'] is None else round(scores['roc_auc'], 4)}, "
+        f"ECE {scores['ece']:.4f} on {len(y_true)} val images\n"
+        + "\n".join(f"  true {classes[i]:>10}: " + " ".join(f"{v:5d}" for v in row) for i, row in enumerate(cm)))
+
+
+if __name__ == "__main__":
+    run_main(main)

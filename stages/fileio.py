@@ -1,0 +1,132 @@
+"""Disk helpers shared by all stages: atomic writes, JSON, clear errors, the stage entry point.
+
+Every output a stage declares in dvc.yaml is written to a temporary sibling first and renamed
+into place only when complete, so a killed stage never leaves a half-written file that DVC
+could cache as done.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+class StageError(Exception):
+    """A failure with a message meant for the user (what, where, how to fix). Exit code 1."""
+
+    exit_code = 1
+
+
+class ParamsError(StageError):
+    """A bad value in params.yaml. Exit code 2."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`.
+
+    Works for files and directories: the caller creates whatever it wants at the yielded path.
+    On any exception the temporary is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.rmdir()  # the caller creates a file or a directory here
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise StageError(f"internal error: nothing was written for {path}")
+        remove_path(path)
+        os.replace(tmp, path)
+    finally:
+        remove_path(tmp)
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    # numpy scalars and arrays, Paths
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | os.PathLike):
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: file not found; run the stage that writes it first (dvc repro)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path}: not valid JSON ({exc}); delete it and rerun `dvc repro`") from exc
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_torch(path: str | os.PathLike, obj) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: str | os.PathLike, what: str = "file"):
+    """torch.load with weights_only=True (no pickled code runs) and a clear error."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: {what} not found; run the stage that writes it first (dvc repro)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise StageError(f"{path}: cannot load {what} ({type(exc).__name__}: {exc}); "
+                         "delete it and rerun the stage that writes it") from exc
+
+
+def log(msg: str) -> None:
+    """Summaries and progress notes go to stderr, stdout stays free for data."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run a stage's main(); a StageError becomes one clear line on stderr and its exit code."""
+    try:
+        main(argv)
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

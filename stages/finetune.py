@@ -1,0 +1,95 @@
+"""finetune: train the classifier on the packed prepared data (the tutorial's two scenarios).
+
+python -m stages.finetune --data data/prepared --weights data/weights --model models \
+    --metrics metrics/train.json --live plots/train
+"""
+import argparse
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from stages.data import load_classes, load_split
+from stages.fileio import ParamsError, atomic_path, log, run_main, write_json
+from stages.model import initial_model, save_checkpoint
+from stages.data import MEAN, STD
+from stages.params import load_params, select_device, to_dict
+from stages.training import History, configure, train
+
+
+def check(tp, device):
+    if tp.cache_features and (tp.mode != "feature_extractor" or tp.augment):
+        raise ParamsError("train.cache_features: true needs train.mode: feature_extractor and train.augment: false "
+                          "(cached features cannot be augmented)")
+    if tp.deterministic and device.type == "cuda":
+        # cuBLAS needs a fixed workspace for deterministic matmuls; set before the first CUDA call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    for flag in ("--data", "--weights", "--model", "--metrics", "--live"):
+        ap.add_argument(flag, type=Path, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    tp = p.train
+    device = select_device(tp.device)
+    check(tp, device)
+    configure(tp, device, p.seed)
+
+    classes = load_classes(args.data)
+    train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
+    model, weights_info = initial_model(p.model.arch, len(classes), args.weights)
+    log(f"finetune: {p.model.arch} ({weights_info.get('source')} weights), {tp.mode}, loss={tp.loss}, "
+        f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}")
+
+    from dvclive import Live  # imported here: dvclive is slow to import and only main() logs
+
+    with atomic_path(args.live) as live_dir:
+        with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+            def on_epoch(row):
+                for key, value in row.items():
+                    if key != "epoch":
+                        live.log_metric(key, value, plot=True)
+                live.next_step()
+
+            history = train(model, train_split, val_split, tp, device, p.seed, on_epoch)
+        model.load_state_dict(history.best_state)
+        meta = {"arch": p.model.arch, "classes": classes, "mean": MEAN, "std": STD, "input_size": tp.crop,
+                "resize": int(train_split.images.shape[-1]), "loss": tp.loss, "mode": tp.mode,
+                "weights_source": weights_info.get("source"), "weights_sha256": weights_info.get("sha256"),
+                "best_epoch": history.best_epoch, "params_digest": params_digest(p)}
+        save_checkpoint(args.model, model, meta)
+    write_json(args.metrics, summary(history, device))
+    log(f"finetune: best val_acc {history.best_val_acc:.4f} at epoch {history.best_epoch}, "
+        f"{history.train_seconds:.1f} s, {history.images_seen / history.train_seconds:.0f} img/s -> {args.model}")
+
+
+def summary(h: History, device) -> dict:
+    last = h.epochs[-1]
+    return {"best_val_acc": h.best_val_acc, "best_epoch": h.best_epoch,
+            "last_epoch": {k: last[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
+            "total_seconds": round(h.train_seconds, 3),
+            "images_per_second": round(h.images_seen / max(h.train_seconds, 1e-9), 2),
+            "device": device_name(device)}
+
+
+def params_digest(p) -> str:
+    """SHA-256 of the params that shaped this model, to tell checkpoints apart."""
+    relevant = {k: to_dict(p)[k] for k in ("seed", "model", "prepare", "train")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,244 @@
+"""params.yaml, loaded once into typed, validated dataclasses.
+
+Each section of params.yaml is one dataclass below; each field's metadata says what is allowed.
+A wrong type, a value out of range, an unknown choice or an unknown key (a typo) raises
+ParamsError (exit code 2) naming the key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from stages.fileio import ParamsError
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
+LOSSES = ("cross_entropy", "bce_with_logits", "focal", "multi_margin")
+METHODS = ("gradient", "smoothgrad", "integrated_gradients", "gradcam")
+LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def _f(default, *, choices=None, min=None, max=None, doc=""):
+    """A field with validation metadata. Lists/dicts get a default_factory."""
+    meta = {"choices": choices, "min": min, "max": max, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    image_size: int = _f(256, min=32, max=2048, doc="side of the generated square images")
+    train_ants: int = _f(123, min=1)
+    train_bees: int = _f(121, min=1)
+    val_ants: int = _f(70, min=1)
+    val_bees: int = _f(83, min=1)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = _f("hymenoptera", doc="hymenoptera | synthetic | http(s) URL | local .zip | local ImageFolder dir")
+    sha256: str | None = _f(None, doc="expected SHA-256 of a downloaded or local archive; null: record it")
+    timeout: float = _f(30.0, min=1.0, doc="connect/read timeout in seconds")
+    retries: int = _f(3, min=0, max=10)
+    max_extract_mb: int = _f(2048, min=1, doc="refuse archives that unpack to more than this")
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    arch: str = _f("resnet18", choices=ARCHS)
+    weights: str = _f("IMAGENET1K_V1", doc="IMAGENET1K_V1 | none | path to a state_dict file")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    resize: int = _f(256, min=16, max=4096, doc="short side of the prepared images (and packed square side)")
+    val_fraction: float = _f(0.2, min=0.01, max=0.9, doc="used only when the raw data has no val/ folder")
+    on_bad_image: str = _f("skip", choices=("skip", "fail"))
+    max_pixels: int = _f(89_478_485, min=1, doc="larger images are treated as decompression bombs")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    mode: str = _f("finetune", choices=("finetune", "feature_extractor"))
+    loss: str = _f("cross_entropy", choices=LOSSES)
+    label_smoothing: float = _f(0.0, min=0.0, max=0.99)
+    focal_gamma: float = _f(2.0, min=0.0, max=10.0)
+    epochs: int = _f(25, min=1, max=10_000)
+    batch_size: int = _f(4, min=1, max=4096)
+    lr: float = _f(0.001, min=0.0)
+    momentum: float = _f(0.9, min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, min=0.0)
+    step_size: int = _f(7, min=1)
+    gamma: float = _f(0.1, min=0.0, max=1.0)
+    crop: int = _f(224, min=8, max=4096, doc="input size of the network")
+    min_scale: float = _f(0.08, min=0.01, max=1.0, doc="RandomResizedCrop scale lower bound")
+    flip: bool = _f(True)
+    augment: bool = _f(True, doc="false: train on the centre crop, no random crop or flip")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda", "mps"))
+    amp: bool = _f(True, doc="bf16 autocast and channels_last on CUDA")
+    deterministic: bool = _f(False, doc="CUDA determinism flags (slower)")
+    cache_features: bool = _f(False, doc="feature_extractor without augmentation: run the frozen backbone once")
+    compile: bool = _f(False, doc="torch.compile the model (CUDA)")
+    threads: int = _f(0, min=0, doc="CPU threads; 0: torch's default")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    ece_bins: int = _f(15, min=2, max=1000)
+    gallery_max: int = _f(32, min=0, doc="most misclassified images shown in the gallery")
+
+
+@dataclass(frozen=True)
+class SaliencyParams:
+    num_images: int = _f(8, min=1, max=10_000, doc="val images explained, chosen deterministically")
+    images: list = _f([], doc="explicit manifest paths; overrides num_images when not empty")
+    methods: list = _f(["gradient", "smoothgrad", "integrated_gradients", "gradcam"], choices=METHODS)
+    normalize: str = _f("minmax", choices=("minmax", "percentile"))
+    percentile: float = _f(99.0, min=50.0, max=100.0)
+    smoothgrad_sigma: float = _f(0.15, min=0.0, max=1.0, doc="noise std as a fraction of the input range")
+    smoothgrad_samples: int = _f(25, min=1, max=1000)
+    ig_steps: int = _f(32, min=2, max=1000)
+    quality_steps: int = _f(16, min=2, max=1000, doc="deletion/insertion steps")
+    quality_images: int = _f(32, min=0, doc="val images scored for explanation quality; 0: all")
+    bootstrap: int = _f(1000, min=10, max=100_000)
+    randomization: bool = _f(True, doc="model-randomisation sanity check (Adebayo et al. 2018)")
+    before_after: bool = _f(True, doc="also explain the untuned network (downloaded weights, new head)")
+    batch_size: int = _f(16, min=1, max=4096)
+    device: str = _f("auto", choices=("auto", "cpu", "cuda", "mps"))
+
+
+@dataclass(frozen=True)
+class ActivationsParams:
+    images: list = _f([], doc="manifest paths; empty: the first num_images val images")
+    num_images: int = _f(2, min=1, max=1000)
+    layers: list = _f(list(LAYERS), choices=LAYERS)
+    max_maps: int = _f(64, min=1, max=4096, doc="top-k maps by mean activation per grid")
+    batch_size: int = _f(32, min=1, max=4096)
+    device: str = _f("auto", choices=("auto", "cpu", "cuda", "mps"))
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = _f(0, min=0, max=2**31 - 1)
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    saliency: SaliencyParams = field(default_factory=SaliencyParams)
+    activations: ActivationsParams = field(default_factory=ActivationsParams)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    return _build(Params, raw, prefix="", source=source)
+
+
+def _build(cls, raw, prefix: str, source: str):
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: {where} must be a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"{source}: unknown key {prefix}{unknown[0]}; allowed keys in {where}: "
+                          f"{', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value if value is not None else {}, key + ".", source)
+        else:
+            values[name] = _check(key, value, hint, fields[name].metadata, source)
+    return cls(**values)
+
+
+def _check(key, value, hint, meta, source):
+    def fail(expected):
+        raise ParamsError(f"{source}: {key} = {value!r} is not allowed; expected {expected}")
+
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        fail(f"a value of type {base.__name__}")
+    choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
+    if base is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer" + _range(lo, hi))
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number" + _range(lo, hi))
+        value = float(value)
+    elif base is str:
+        if not isinstance(value, str):
+            fail("a string" + (f", one of: {', '.join(choices)}" if choices else ""))
+    elif base is list:
+        if not isinstance(value, list):
+            fail("a list" + (f" of: {', '.join(choices)}" if choices else ""))
+        if choices:
+            for item in value:
+                if item not in choices:
+                    raise ParamsError(f"{source}: {key} contains unknown choice {item!r}; "
+                                      f"allowed: {', '.join(choices)}")
+            if len(set(value)) != len(value):
+                fail("a list without repeats")
+        return list(value)
+    if choices and base is not list and value not in choices:
+        fail(f"one of: {', '.join(choices)}")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        fail(_range(lo, hi).lstrip(", ") or "a value in range")
+    return value
+
+
+def _range(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f", between {lo} and {hi}"
+    if lo is not None:
+        return f", at least {lo}"
+    if hi is not None:
+        return f", at most {hi}"
+    return ""
+
+
+def to_dict(params) -> dict:
+    return dataclasses.asdict(params)
+
+
+def select_device(name: str):
+    """`auto` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("device = cuda but torch sees no CUDA GPU; use device: auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ParamsError("device = mps but MPS is not available; use device: auto or cpu")
+    return torch.device(name)
