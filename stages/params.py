@@ -242,3 +242,49 @@ def select_device(name: str):
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ParamsError("device = mps but MPS is not available; use device: auto or cpu")
     return torch.device(name)
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Recursively apply `overrides` onto `base` (both plain dicts from YAML)."""
+    out = dict(base)
+    for key, value in (overrides or {}).items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _cli(argv=None) -> None:
+    """`python -m stages.params merge BASE OVERRIDES [-o OUT]`: write a validated merged params file
+    (used by `make demo` and the tests); `python -m stages.params check [FILE]`: validate only."""
+    import argparse
+    import sys
+
+    from stages.fileio import run_main, write_text
+
+    def main(argv):
+        ap = argparse.ArgumentParser(prog="python -m stages.params")
+        sub = ap.add_subparsers(dest="cmd", required=True)
+        m = sub.add_parser("merge")
+        m.add_argument("base")
+        m.add_argument("overrides")
+        m.add_argument("-o", "--out")
+        c = sub.add_parser("check")
+        c.add_argument("file", nargs="?", default="params.yaml")
+        args = ap.parse_args(argv)
+        if args.cmd == "check":
+            load_params(args.file)
+            print(f"{args.file}: ok", file=sys.stderr)
+            return
+        merged = merge(yaml.safe_load(Path(args.base).read_text()) or {},
+                       yaml.safe_load(Path(args.overrides).read_text()) or {})
+        parse_params(merged, source=f"{args.base} + {args.overrides}")
+        text = yaml.safe_dump(merged, sort_keys=False)
+        if args.out:
+            write_text(args.out, text)
+        else:
+            sys.stdout.write(text)
+
+    run_main(main, argv)
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (offline, synthetic data, whole pipeline) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# pip installs the exact versions CI used; `make LOCK= test` resolves the ranges in requirements*.txt instead.
+LOCK ?= requirements-lock.txt
+CONSTRAINT := $(if $(LOCK),-c $(LOCK),)
+
+.PHONY: demo test run lock bench clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt $(LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt $(CONSTRAINT)
+	touch $@
+
+demo: $(BIN)/.installed
+	bash scripts/demo.sh
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests
+
+# The real data (needs internet, or set data.source / model.weights to local paths in params.yaml).
+run: $(BIN)/.installed
+	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/bench_train.py
+
+lock: $(BIN)/.installed
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements-lock.txt
+
+clean:
+	rm -rf demo dvc_plots .pytest_cache

@@ -1,0 +1,367 @@
+"""stages/attribution.py against hand-computed cases and captum (a test-only oracle).
+
+Tolerances: gradient vs captum Saliency 1e-6 (float32); integrated gradients vs captum
+IntegratedGradients(method="riemann_trapezoid"), rescaled by n/(n-1) (see the test), 1e-10 of the
+map's max in float64 and 1e-5 in float32 (only the summation order differs); Grad-CAM vs captum LayerGradCam + interpolate 1e-6
+relative to the map's max (float32).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from stages import attribution as A
+from stages.fileio import ParamsError
+from stages.params import SaliencyParams
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: one thread is fastest, and two threads on a busy two-core machine can be
+    # many times slower than one (OpenMP threads waiting on each other)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_resnet(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=2)
+    # give the batch norms non-trivial running statistics, so eval mode is not the identity
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.to(dtype).eval()
+
+
+def images(n=3, side=64, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, side, side, generator=g).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return small_resnet()
+
+
+def linear_model(h=4, w=4, classes=5, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * h * w, classes)).eval()
+
+
+class Quadratic(nn.Module):
+    """logits = [sum(x^2), 0]: d logit_0 / dx = 2x, and IG from b to x is exactly x^2 - b^2."""
+
+    def forward(self, x):
+        s = (x ** 2).flatten(1).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+# ---------------------------------------------------------------- gradient
+
+
+def test_gradient_of_a_linear_model_is_the_weight_row_of_the_argmax_class():
+    model = linear_model()
+    x = images(n=4, side=4)
+    pred, _ = A.predict(model, x)
+    maps = A.gradient(model, x, pred)
+    expected = model[1].weight.detach()[pred].abs().view(4, 3, 4, 4)
+    assert maps.shape == (4, 3, 4, 4)
+    assert torch.equal(maps, expected)
+
+
+def test_gradient_matches_captum_saliency(resnet):
+    captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
+    x = images()
+    pred, _ = A.predict(resnet, x)
+    ours = A.gradient(resnet, x, pred)
+    theirs = captum_attr.Saliency(resnet).attribute(x.clone().requires_grad_(True), target=pred, abs=True)
+    assert (ours >= 0).all()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_gradient_of_a_batch_equals_gradient_image_by_image(resnet):
+    x = images()
+    pred, _ = A.predict(resnet, x)
+    batch = A.gradient(resnet, x, pred)
+    one_by_one = torch.cat([A.gradient(resnet, x[i:i + 1], pred[i:i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(batch, one_by_one, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- SmoothGrad
+
+
+def test_smoothgrad_without_noise_is_the_gradient(resnet):
+    x = images(n=2)
+    pred, _ = A.predict(resnet, x)
+    sg = A.smoothgrad(resnet, x, pred, sigma=0.0, samples=3, seed=0)
+    torch.testing.assert_close(sg, A.gradient(resnet, x, pred), rtol=1e-5, atol=1e-7)
+
+
+def test_smoothgrad_of_a_linear_model_is_the_weight_row_whatever_the_noise():
+    model = linear_model()
+    x = images(n=3, side=4)
+    pred, _ = A.predict(model, x)
+    sg = A.smoothgrad(model, x, pred, sigma=0.5, samples=7, seed=3)
+    torch.testing.assert_close(sg, model[1].weight.detach()[pred].abs().view(3, 3, 4, 4), rtol=1e-6, atol=0)
+
+
+def test_smoothgrad_matches_a_plain_loop_over_noisy_copies(resnet):
+    x = images(n=2, side=32)
+    pred, _ = A.predict(resnet, x)
+    sigma, samples = 0.2, 3
+    ours = A.smoothgrad(resnet, x, pred, sigma=sigma, samples=samples,
+                        generator=torch.Generator().manual_seed(7), batch_size=4)
+    # reference: the same noise draws (one N x 3 x H x W tensor per sample), one copy at a time
+    g = torch.Generator().manual_seed(7)
+    std = sigma * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
+    total = torch.zeros_like(x)
+    for _ in range(samples):
+        noisy = x + torch.randn(x.shape, generator=g) * std.view(-1, 1, 1, 1)
+        for i in range(len(x)):
+            xi = noisy[i:i + 1].clone().requires_grad_(True)
+            grad, = torch.autograd.grad(resnet(xi)[0, pred[i]], xi)
+            total[i] += grad[0].abs()
+    torch.testing.assert_close(ours, total / samples, rtol=1e-4, atol=1e-7)
+
+
+def test_smoothgrad_is_deterministic_given_the_seed_and_independent_of_batch_size(resnet):
+    x = images(n=2, side=32)
+    pred, _ = A.predict(resnet, x)
+    a = A.smoothgrad(resnet, x, pred, samples=4, seed=1, batch_size=2)
+    b = A.smoothgrad(resnet, x, pred, samples=4, seed=1, batch_size=64)
+    c = A.smoothgrad(resnet, x, pred, samples=4, seed=2, batch_size=64)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(b, c)
+
+
+# ---------------------------------------------------------------- integrated gradients
+
+
+def test_black_baseline_is_pixel_zero_after_imagenet_normalisation():
+    b = A.black_baseline(torch.zeros(2, 3, 5, 5))
+    for c, (m, s) in enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))):
+        assert torch.allclose(b[:, c], torch.full((2, 5, 5), -m / s))
+
+
+def test_trapezoid_rule_weights():
+    alphas, weights = A.trapezoid_rule(5)
+    assert alphas.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert weights.tolist() == [0.125, 0.25, 0.25, 0.25, 0.125]
+
+
+def test_ig_of_a_quadratic_is_exact_with_the_trapezoid_rule():
+    # the integrand 2(b + a(x - b)) is linear in a, so the trapezoid rule is exact for any steps
+    x = images(n=2, side=3, dtype=torch.float64)
+    b = images(n=2, side=3, seed=5, dtype=torch.float64)
+    attr = A.integrated_gradients(Quadratic(), x, torch.zeros(2, dtype=torch.long), steps=3, baseline=b)
+    torch.testing.assert_close(attr, x ** 2 - b ** 2, rtol=1e-12, atol=1e-12)
+
+
+def test_ig_of_a_linear_model_is_input_minus_black_times_weight():
+    model = linear_model()
+    x = images(n=3, side=4)
+    pred, _ = A.predict(model, x)
+    attr = A.integrated_gradients(model, x, pred, steps=4)
+    expected = (x - A.black_baseline(x)) * model[1].weight.detach()[pred].view(3, 3, 4, 4)
+    torch.testing.assert_close(attr, expected, rtol=1e-5, atol=1e-6)
+    err = A.ig_completeness_error(model, x, None, attr, pred)
+    assert (err["rel"] < 1e-4).all()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_ig_matches_captum_riemann_trapezoid(dtype, rtol):
+    captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
+    model = small_resnet(dtype=dtype)
+    x = images(n=2, side=24, dtype=dtype)
+    pred, _ = A.predict(model, x)
+    steps = 8
+    ours = A.integrated_gradients(model, x, pred, steps=steps, batch_size=5)
+    ig = captum_attr.IntegratedGradients(model)
+    theirs = ig.attribute(x, baselines=A.black_baseline(x), target=pred, n_steps=steps,
+                          method="riemann_trapezoid")
+    # captum's trapezoid uses the same points, linspace(0, 1, n), but weights 1/n with 1/(2n) at
+    # both ends, which add up to (n-1)/n instead of 1; ours are the textbook 1/(n-1), halved at
+    # the ends. So the two differ by exactly the factor n/(n-1).
+    theirs = theirs * steps / (steps - 1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=rtol * float(theirs.abs().max()))
+    # completeness: our helper against captum's own convergence delta for our attributions
+    err = A.ig_completeness_error(model, x, None, ours, pred)
+    delta = ig.compute_convergence_delta(ours, A.black_baseline(x), x, target=pred)
+    torch.testing.assert_close(err["abs"], delta.abs().to(dtype), rtol=rtol * 10, atol=rtol * 10)
+
+
+def test_ig_with_many_steps_agrees_with_captum_default_gauss_legendre():
+    captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
+    model = small_resnet(dtype=torch.float64)
+    x = images(n=1, side=16, dtype=torch.float64)
+    pred, _ = A.predict(model, x)
+    ours = A.integrated_gradients(model, x, pred, steps=64, batch_size=64)
+    theirs = captum_attr.IntegratedGradients(model).attribute(
+        x, baselines=A.black_baseline(x), target=pred, n_steps=64, internal_batch_size=64)
+    # two different quadratures of the same integral: close, not equal (ReLU kinks)
+    cos = torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0)
+    assert cos > 0.99
+    err = A.ig_completeness_error(model, x, None, ours, pred)
+    assert (err["rel"] < 0.1).all()
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+
+def test_gradcam_matches_captum_layergradcam_on_resnet_layer4(resnet):
+    captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
+    x = images(side=96)  # layer4 is 3 x 3 here
+    pred, _ = A.predict(resnet, x)
+    ours = A.gradcam(resnet, x, pred)
+    cam = captum_attr.LayerGradCam(resnet, resnet.layer4).attribute(x, target=pred, relu_attributions=True)
+    theirs = captum_attr.LayerAttribution.interpolate(cam, (96, 96), interpolate_mode="bilinear")
+    assert ours.shape == (3, 1, 96, 96) and (ours >= 0).all()
+    assert ours.max() > 0
+    torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=1e-6 * float(theirs.detach().abs().max()))
+
+
+def test_gradcam_finds_the_last_conv_block_of_other_families_and_matches_captum():
+    captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=2).eval()
+    assert A.default_gradcam_layer(model) is model.features[-1]
+    x = images(n=2, side=64)
+    pred, _ = A.predict(model, x)
+    ours = A.gradcam(model, x, pred)
+    cam = captum_attr.LayerGradCam(model, model.features[-1]).attribute(x, target=pred, relu_attributions=True)
+    theirs = captum_attr.LayerAttribution.interpolate(cam, (64, 64), interpolate_mode="bilinear")
+    theirs = theirs.detach()
+    assert theirs.max() > 0
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 * float(theirs.abs().max()))
+
+
+def test_default_gradcam_layer(resnet):
+    assert A.default_gradcam_layer(resnet) is resnet.layer4
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert A.default_gradcam_layer(plain) is plain[2]
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        A.default_gradcam_layer(linear_model())
+
+
+def test_gradcam_by_layer_name_and_hooks_removed_even_on_error(resnet):
+    x = images(n=1, side=64)
+    pred, _ = A.predict(resnet, x)
+    torch.testing.assert_close(A.gradcam(resnet, x, pred, layer="layer3"),
+                               A.gradcam(resnet, x, pred, layer=resnet.layer3))
+    assert not resnet.layer3._forward_hooks
+    stray = nn.Conv2d(3, 3, 1)  # never called by the model's forward
+    with pytest.raises(ValueError, match="not called"):
+        A.gradcam(resnet, x, pred, layer=stray)
+    assert not stray._forward_hooks
+
+
+# ---------------------------------------------------------------- the model is left alone
+
+
+@pytest.mark.parametrize("name", list(A.METHODS))
+def test_methods_leave_the_model_unchanged_and_in_eval_mode(name):
+    model = small_resnet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = images(n=2, side=32)
+    A.METHODS[name](model, x, torch.tensor([0, 1]), samples=2, steps=2, seed=0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+
+
+# ---------------------------------------------------------------- dispatch and cost
+
+
+def test_attribute_dispatches_with_the_params():
+    model = small_resnet()
+    x = images(n=2, side=32)
+    pred, _ = A.predict(model, x)
+    params = dataclasses.replace(SaliencyParams(), ig_steps=3, smoothgrad_samples=2, smoothgrad_sigma=0.1)
+    torch.testing.assert_close(A.attribute("integrated_gradients", model, x, pred, params),
+                               A.integrated_gradients(model, x, pred, steps=3))
+    torch.testing.assert_close(
+        A.attribute("smoothgrad", model, x, pred, params, generator=torch.Generator().manual_seed(4)),
+        A.smoothgrad(model, x, pred, sigma=0.1, samples=2, seed=4))
+    torch.testing.assert_close(A.attribute("gradient", model, x, pred, params), A.gradient(model, x, pred))
+    assert A.attribute("gradcam", model, x, pred, params).shape == (2, 1, 32, 32)
+    with pytest.raises(ParamsError, match="unknown saliency method"):
+        A.attribute("lime", model, x, pred, params)
+    assert set(A.METHODS) == set(A.PASSES)
+
+
+def test_passes_per_image():
+    params = dataclasses.replace(SaliencyParams(), ig_steps=20, smoothgrad_samples=9)
+    assert A.passes("gradient", params) == (1, 1)
+    assert A.passes("gradcam", params) == (1, 1)
+    assert A.passes("smoothgrad", params) == (9, 9)
+    assert A.passes("integrated_gradients", params) == (20, 20)
+
+
+# ---------------------------------------------------------------- normalise, combine, predict
+
+
+def test_normalize_constant_maps_become_zeros_never_nan():
+    maps = torch.stack([torch.full((3, 4, 4), 2.5), torch.zeros(3, 4, 4)])
+    for mode in ("minmax", "percentile"):
+        for per_channel in (False, True):
+            out = A.normalize_maps(maps, mode=mode, per_channel=per_channel)
+            assert torch.equal(out, torch.zeros_like(maps))
+
+
+def test_normalize_minmax_per_image_and_per_channel():
+    maps = torch.tensor([[[[0.0, 2.0]], [[4.0, 8.0]]]])  # 1 x 2 x 1 x 2
+    assert A.normalize_maps(maps).tolist() == [[[[0.0, 0.25]], [[0.5, 1.0]]]]
+    assert A.normalize_maps(maps, per_channel=True).tolist() == [[[[0.0, 1.0]], [[0.0, 1.0]]]]
+    two = torch.stack([torch.arange(4.0).view(2, 2), 10 * torch.arange(4.0).view(2, 2) + 3])
+    out = A.normalize_maps(two)  # N x H x W: each image on its own
+    assert torch.allclose(out[0], out[1]) and out[0].max() == 1 and out[0].min() == 0
+
+
+def test_normalize_percentile_clips_outliers_like_numpy():
+    np = pytest.importorskip("numpy")
+    v = torch.arange(100.0)
+    v[-1] = 1e6  # one outlier
+    out = A.normalize_maps(v.view(1, 10, 10), mode="percentile", percentile=90.0).flatten()
+    ref = np.clip((v.numpy() - 0) / (np.percentile(v.numpy(), 90) - 0), 0, 1)
+    assert torch.allclose(out, torch.from_numpy(ref).float(), atol=1e-6)
+    # per image, at a percentile between two values (numpy's linear interpolation)
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 2, 5, 7, generator=g) ** 3
+    out = A.normalize_maps(maps, mode="percentile", percentile=97.3)
+    for i in range(3):
+        m = maps[i].numpy()
+        ref = np.clip((m - m.min()) / (np.percentile(m, 97.3) - m.min()), 0, 1)
+        assert torch.allclose(out[i], torch.from_numpy(ref).float(), atol=1e-6)
+    # a sparse map whose percentile equals its minimum falls back to the max
+    sparse = torch.zeros(1, 10, 10)
+    sparse[0, 0, 0] = 4.0
+    assert A.normalize_maps(sparse, mode="percentile", percentile=99.0)[0, 0, 0] == 1.0
+
+
+def test_combine_channels_is_the_max_over_channels():
+    maps = torch.tensor([[[[1.0, 5.0]], [[3.0, 2.0]], [[0.0, 4.0]]]])  # 1 x 3 x 1 x 2
+    assert A.combine_channels(maps).tolist() == [[[3.0, 5.0]]]
+    assert A.combine_channels(torch.ones(2, 1, 3, 3)).shape == (2, 3, 3)
+
+
+def test_predict_is_the_max_logit_and_its_softmax_probability():
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0]])
+
+    pred, prob = A.predict(Fixed(), torch.zeros(2, 3, 2, 2))
+    assert pred.tolist() == [1, 0] and pred.dtype == torch.long
+    e = torch.exp(torch.tensor(1.0))
+    assert torch.allclose(prob, torch.stack([e / (1 + e + 1 / e), e * e / (e * e + 2)]))

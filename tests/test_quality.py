@@ -1,0 +1,248 @@
+"""stages/quality.py against hand-computed cases, scipy and normal theory."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms.functional import gaussian_blur
+
+from stages import attribution as A
+from stages import quality as Q
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: one thread is fastest, and two threads on a busy two-core machine can be
+    # many times slower than one (OpenMP threads waiting on each other)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class MeanPixelModel(nn.Module):
+    """P(class 0) = 0.1 + 0.8 * mean of channel 0 (inputs in [0, 1]); logits = log-probabilities,
+    so the softmax gives that probability back exactly."""
+
+    def forward(self, x):
+        p = 0.1 + 0.8 * x[:, 0].flatten(1).mean(1)
+        return torch.stack([p.log(), (1 - p).log()], dim=1)
+
+
+def two_by_two():
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, 0] = torch.tensor([[1.0, 0.5], [0.25, 0.0]])
+    x[0, 1:] = 0.3  # ignored by the model
+    return x
+
+
+def test_deletion_and_insertion_by_hand():
+    x = two_by_two()
+    target = torch.tensor([0])
+    good = x[:, 0].clone()  # ranks the pixels 1.0, 0.5, 0.25, 0.0
+    out = Q.deletion_insertion(MeanPixelModel(), x, target, good, steps=4,
+                               insertion_start=torch.zeros_like(x))
+    # deletion removes one pixel per step: channel-0 sums 1.75, 0.75, 0.25, 0, 0 over 4 pixels,
+    # p = 0.1 + 0.8 * sum / 4
+    assert torch.allclose(out["deletion_curve"], torch.tensor([[0.45, 0.25, 0.15, 0.10, 0.10]]))
+    # trapezoid, dx = 1/4: (0.45/2 + 0.25 + 0.15 + 0.10 + 0.10/2) / 4
+    assert torch.allclose(out["deletion_auc"], torch.tensor([0.19375]))
+    # insertion from zeros puts back 1.0, then 0.5, 0.25, 0.0: sums 0, 1, 1.5, 1.75, 1.75
+    assert torch.allclose(out["insertion_curve"], torch.tensor([[0.10, 0.30, 0.40, 0.45, 0.45]]))
+    assert torch.allclose(out["insertion_auc"], torch.tensor([0.35625]))
+    assert torch.allclose(out["fractions"], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+
+    # the reversed ranking deletes the zero pixel first: sums 1.75, 1.75, 1.5, 1.0, 0
+    bad = Q.deletion_insertion(MeanPixelModel(), x, target, -good, steps=4,
+                               insertion_start=torch.zeros_like(x))
+    assert torch.allclose(bad["deletion_curve"], torch.tensor([[0.45, 0.45, 0.40, 0.30, 0.10]]))
+    assert torch.allclose(bad["deletion_auc"], torch.tensor([0.35625]))
+
+
+def test_deletion_rounds_the_pixel_count_when_steps_do_not_divide_it():
+    x = two_by_two()
+    out = Q.deletion_insertion(MeanPixelModel(), x, torch.tensor([0]), x[:, 0], steps=3)
+    # round(4 * k / 3) = 0, 1, 3, 4 pixels deleted: sums 1.75, 0.75, 0.0, 0.0
+    assert torch.allclose(out["deletion_curve"], torch.tensor([[0.45, 0.25, 0.10, 0.10]]))
+
+
+def test_insertion_starts_from_the_default_blur_and_ends_at_the_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    target = torch.zeros(3, dtype=torch.long)
+    maps = torch.rand(3, 32, 32, generator=g)
+    model = MeanPixelModel()
+    out = Q.deletion_insertion(model, x, target, maps, steps=5)
+    k, s = Q.default_blur(32)
+    assert k % 2 == 1 and 3 <= k <= 7  # about 1/8 of the side
+    blurred = gaussian_blur(x, [k, k], [s, s])
+    prob = lambda im: torch.softmax(model(im), 1)[:, 0]
+    assert torch.allclose(out["insertion_curve"][:, 0], prob(blurred), atol=1e-6)
+    assert torch.allclose(out["insertion_curve"][:, -1], prob(x), atol=1e-6)
+    assert torch.allclose(out["deletion_curve"][:, 0], prob(x), atol=1e-6)
+    assert torch.allclose(out["deletion_curve"][:, -1], prob(torch.zeros_like(x)), atol=1e-6)
+    # chunking does not change the result
+    small = Q.deletion_insertion(model, x, target, maps, steps=5, batch_size=1)
+    for key in ("deletion_curve", "insertion_curve"):
+        assert torch.allclose(small[key], out[key])
+
+
+def test_a_map_that_follows_the_model_beats_the_random_and_centre_baselines():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 16, 16, generator=g)
+    target = torch.zeros(4, dtype=torch.long)
+    model = MeanPixelModel()
+    score = lambda maps: Q.deletion_insertion(model, x, target, maps, steps=8,
+                                              insertion_start=torch.zeros_like(x))
+    good = score(x[:, 0])
+    for baseline in (Q.random_maps(4, 16, 16, torch.Generator().manual_seed(2)), Q.center_prior_maps(4, 16, 16)):
+        base = score(baseline)
+        assert (good["deletion_auc"] < base["deletion_auc"]).all()
+        assert (good["insertion_auc"] > base["insertion_auc"]).all()
+    assert Q.deletion_insertion_passes(16) == 34
+
+
+def test_ties_are_broken_in_raster_order_or_at_random_with_a_generator():
+    flat = torch.zeros(1, 2, 3)
+    assert Q.pixel_order(flat).tolist() == [[0, 1, 2, 3, 4, 5]]
+    order = Q.pixel_order(flat, torch.Generator().manual_seed(0))
+    assert sorted(order[0].tolist()) == [0, 1, 2, 3, 4, 5]
+    m = torch.tensor([[[1.0, 3.0, 3.0], [2.0, 0.0, 3.0]]])
+    order = Q.pixel_order(m, torch.Generator().manual_seed(0))[0].tolist()
+    assert sorted(order[:3]) == [1, 2, 5] and order[3:] == [3, 0, 4]
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def test_random_and_centre_prior_maps():
+    a = Q.random_maps(2, 5, 6, torch.Generator().manual_seed(3))
+    b = Q.random_maps(2, 5, 6, torch.Generator().manual_seed(3))
+    assert a.shape == (2, 5, 6) and torch.equal(a, b) and not torch.equal(a[0], a[1])
+    c = Q.center_prior_maps(2, 5, 7, sigma_frac=0.5)
+    assert c.shape == (2, 5, 7) and torch.equal(c[0], c[1])
+    assert c[0, 2, 3] == 1.0 and c[0].argmax() == 2 * 7 + 3
+    s = 0.5 * 5
+    assert torch.isclose(c[0, 0, 0], torch.tensor(math.exp(-(2 ** 2 + 3 ** 2) / (2 * s * s))))
+    assert torch.equal(c[0], c[0].flip(0)) and torch.equal(c[0], c[0].flip(1))
+
+
+# ---------------------------------------------------------------- Spearman and randomisation
+
+
+def test_spearman_matches_scipy_with_ties():
+    stats = pytest.importorskip("scipy.stats", reason="scipy (brought by scikit-learn) is not installed")
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 8, 8, generator=g)
+    b = a + 0.5 * torch.rand(3, 8, 8, generator=g)
+    b[1] = torch.round(b[1] * 3)  # many ties
+    a[2] = torch.round(a[2] * 4)
+    ours = Q.spearman(a, b)
+    for i in range(3):
+        ref = stats.spearmanr(a[i].flatten().numpy(), b[i].flatten().numpy()).statistic
+        assert abs(float(ours[i]) - ref) < 1e-9
+    assert Q.spearman(a[:1], -a[:1]).item() == pytest.approx(-1.0)
+    assert Q.spearman(torch.ones(1, 4, 4), a[:1]).item() == 0.0  # undefined: reported as 0
+
+
+def small_resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=2).eval()
+
+
+def test_randomization_check_leaves_the_model_alone_and_starts_at_one():
+    model = small_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng_before = torch.random.get_rng_state()
+    x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    pred, _ = A.predict(model, x)
+    result = Q.randomization_check(model, x, pred, A.gradient, seed=0)
+    assert [name for name, _ in result] == ["original", "fc", "layer4", "layer3", "layer2", "layer1", "conv1+bn1"]
+    assert result[0][1] == pytest.approx(1.0, abs=1e-6)
+    assert all(-1.0 <= rho <= 1.0 for _, rho in result)
+    assert min(rho for _, rho in result[1:]) < 0.9  # randomising does change the maps
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert Q.randomization_check(model, x, pred, A.gradient, ["fc"], seed=0) == result[:2]
+
+
+def test_randomization_of_a_linear_head_by_hand():
+    stats = pytest.importorskip("scipy.stats", reason="scipy (brought by scikit-learn) is not installed")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    pred, _ = A.predict(model, x)
+    assert Q.default_layer_order(model) == ["1"]
+    result = Q.randomization_check(model, x, pred, A.gradient, seed=5)
+    # the gradient of a linear model is its weight row; re-drawn with the seed of step 1 (5 + 1)
+    old = model[1].weight.detach().clone()
+    fresh = nn.Linear(3 * 4 * 4, 3)
+    torch.manual_seed(6)
+    fresh.reset_parameters()
+    combined = lambda w: w.abs().view(-1, 3, 4, 4).amax(1).flatten(1)
+    expected = np.mean([stats.spearmanr(combined(old[pred[i]][None])[0], combined(fresh.weight.detach()[pred[i]][None])[0])
+                        .statistic for i in range(2)])
+    assert result[0] == ("original", pytest.approx(1.0))
+    assert result[1][0] == "1" and result[1][1] == pytest.approx(expected, abs=1e-9)
+
+
+def test_default_layer_order_for_other_families():
+    model = torchvision.models.mobilenet_v3_small(num_classes=2)
+    order = Q.default_layer_order(model)
+    assert order[0] == "classifier" and order[1] == f"features.{len(model.features) - 1}"
+    assert order[-1] == "features.0"
+
+
+# ---------------------------------------------------------------- pointing game and mass inside
+
+
+def test_pointing_game_by_hand():
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 1, 1] = 1.0  # inside
+    maps[1, 3, 3] = 1.0  # one pixel diagonal from the mask's corner (2, 2)
+    maps[2, 0, 0] = maps[2, 1, 1] = 1.0  # a tie: the first in raster order, (0, 0), counts
+    masks = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    masks[:, 1:3, 1:3] = 1
+    assert Q.pointing_game(maps, masks).tolist() == [True, False, False]
+    assert Q.pointing_game(maps, masks, tolerance=1).tolist() == [True, True, True]
+    # channels are combined by their max first
+    four = torch.zeros(1, 3, 4, 4)
+    four[0, 2, 1, 2] = 5.0
+    assert Q.pointing_game(four, masks[:1]).tolist() == [True]
+    with pytest.raises(ValueError, match="differ in shape"):
+        Q.pointing_game(maps, masks[:, :3])
+
+
+def test_mass_inside_by_hand():
+    maps = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    masks = torch.tensor([[[1, 0], [0, 1]], [[1, 1], [1, 1]], [[0, 1], [0, 0]]], dtype=torch.uint8)
+    assert torch.allclose(Q.mass_inside(maps, masks), torch.tensor([0.5, 0.0, 0.25]))
+    with pytest.raises(ValueError, match="non-negative"):
+        Q.mass_inside(-maps, masks)
+
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_contains_the_mean_and_shrinks_like_one_over_root_n():
+    rng = np.random.default_rng(0)
+    small = Q.bootstrap_ci(rng.normal(1.0, 2.0, 25), n_resamples=2000)
+    large = Q.bootstrap_ci(rng.normal(1.0, 2.0, 2500), n_resamples=2000)
+    for ci in (small, large):
+        assert ci["low"] < ci["mean"] < ci["high"]
+    assert small["n"] == 25 and large["n"] == 2500
+    # the 95 % interval of a mean is about 2 * 1.96 * sd / sqrt(n)
+    width = large["high"] - large["low"]
+    assert width == pytest.approx(2 * 1.96 * 2.0 / math.sqrt(2500), rel=0.15)
+    assert small["high"] - small["low"] > 5 * width
+    assert Q.bootstrap_ci(torch.tensor([1.0, 2.0, 4.0]), seed=3) == Q.bootstrap_ci([1.0, 2.0, 4.0], seed=3)
+    assert Q.bootstrap_ci([1.0, 2.0, 4.0])["mean"] == pytest.approx(7 / 3)
+    empty = Q.bootstrap_ci([])
+    assert empty["n"] == 0 and math.isnan(empty["mean"])
