@@ -1,0 +1,160 @@
+"""Training speed, side by side in one process: the tutorial's loop vs. our finetune code.
+
+    python bench/bench_train.py [--raw ../shared/data/hymenoptera_data] [--epochs 3] [--device auto]
+
+(a) a faithful re-implementation of the PyTorch transfer-learning tutorial's loop: ImageFolder on
+    the prepared JPEGs, PIL transforms every epoch, batch 4, num_workers=4, fp32, SGD + StepLR;
+(b) stages/training.py's train() with its defaults for the device (CPU: the tutorial's batch 4 in
+    fp32; CUDA: batch 32 with the learning rate scaled linearly, bf16 autocast, channels_last).
+Both use the same prepared data, device, seed and epochs, for both scenarios (finetune and
+feature_extractor; the latter also with cached features, 25 epochs by default). Prints per-epoch
+seconds (median of the epochs after the first), the ratio (a)/(b), val accuracy of both, peak RSS
+and, on CUDA, peak allocated memory. Needs torch, torchvision, pandas, pillow, pyyaml, tqdm; no DVC.
+Results are from random init unless --weights points at ImageNet weights.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.data import load_split  # noqa: E402
+from stages.model import build_model, load_backbone  # noqa: E402
+from stages.params import TrainParams, select_device  # noqa: E402
+from stages.training import configure, train  # noqa: E402
+
+
+def tutorial_loop(data_dir: Path, mode: str, epochs: int, device, seed: int, weights) -> dict:
+    """The tutorial's train_model(), kept as it is apart from timing and the seed."""
+    from torchvision import datasets, transforms
+
+    torch.manual_seed(seed)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    tfs = {"train": transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                        transforms.ToTensor(), transforms.Normalize(mean, std)]),
+           "val": transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                      transforms.ToTensor(), transforms.Normalize(mean, std)])}
+    sets = {x: datasets.ImageFolder(data_dir / x, tfs[x]) for x in ("train", "val")}
+    loaders = {x: torch.utils.data.DataLoader(sets[x], batch_size=4, shuffle=True, num_workers=4)
+               for x in ("train", "val")}
+    model = build_model("resnet18", 2)
+    if weights is not None:
+        load_backbone(model, weights, "weights")
+    if mode == "feature_extractor":
+        for p in model.parameters():
+            p.requires_grad = False
+        model.fc = nn.Linear(model.fc.in_features, 2)
+    model = model.to(device)
+    params = model.fc.parameters() if mode == "feature_extractor" else model.parameters()
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    best_acc, seconds = 0.0, []
+    best = copy.deepcopy(model.state_dict())
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for phase in ("train", "val"):
+            model.train() if phase == "train" else model.eval()
+            correct = 0
+            for inputs, labels in loaders[phase]:
+                inputs, labels = inputs.to(device), labels.to(device)
+                optimizer.zero_grad()
+                with torch.set_grad_enabled(phase == "train"):
+                    outputs = model(inputs)
+                    loss = criterion(outputs, labels)
+                    if phase == "train":
+                        loss.backward()
+                        optimizer.step()
+                correct += int((outputs.argmax(1) == labels).sum())
+            if phase == "train":
+                scheduler.step()
+            acc = correct / len(sets[phase])
+            if phase == "val" and acc > best_acc:
+                best_acc, best = acc, copy.deepcopy(model.state_dict())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return {"epoch_seconds": seconds, "best_val_acc": best_acc}
+
+
+def ours(prepared: Path, mode: str, epochs: int, device, seed: int, weights, **overrides) -> dict:
+    tp = TrainParams(mode=mode, epochs=epochs, device=device.type, **overrides)
+    if device.type == "cuda":  # our CUDA defaults: a batch that fills the GPU, lr scaled linearly
+        tp = dataclasses.replace(tp, batch_size=32, lr=tp.lr * 8, amp=True)
+    configure(tp, device, seed)
+    model = build_model("resnet18", 2)
+    if weights is not None:
+        load_backbone(model, weights, "weights")
+    start = time.perf_counter()
+    history = train(model, load_split(prepared, "train"), load_split(prepared, "val"), tp, device, seed)
+    total = time.perf_counter() - start
+    return {"epoch_seconds": [e["seconds"] for e in history.epochs], "best_val_acc": history.best_val_acc,
+            "total_seconds": total, "batch_size": tp.batch_size, "amp": tp.amp and device.type == "cuda"}
+
+
+def per_epoch(result) -> float:
+    s = result["epoch_seconds"]
+    return statistics.median(s[1:]) if len(s) > 1 else s[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--raw", type=Path, default=ROOT.parent / "shared" / "data" / "hymenoptera_data")
+    ap.add_argument("--prepared", type=Path, default=ROOT / "bench" / ".cache" / "prepared")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs for the finetune-mode comparison")
+    ap.add_argument("--fe-epochs", type=int, default=25, help="epochs for the feature-extractor comparison")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", type=Path, help="ImageNet state_dict (default: random init)")
+    ap.add_argument("--only", choices=("finetune", "feature_extractor"), help="run one scenario")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args()
+    device = select_device(args.device)
+    if not (args.prepared / "train.pt").exists():
+        print(f"preparing {args.raw} -> {args.prepared}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "stages.prepare", "--raw", str(args.raw), "--out", str(args.prepared),
+                        "--report", str(args.prepared.parent / "data.json")], cwd=ROOT, check=True)
+    weights = torch.load(args.weights, map_location="cpu", weights_only=True) if args.weights else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    results = {"device": name, "torch": torch.__version__, "weights": str(args.weights or "random init"), "runs": {}}
+    plan = [("finetune", args.epochs, {}), ("feature_extractor", args.fe_epochs, {}),
+            ("feature_extractor", args.fe_epochs, {"augment": False, "cache_features": True})]
+    for mode, epochs, extra in plan:
+        if args.only and mode != args.only:
+            continue
+        label = mode + ("+cache_features" if extra else "")
+        print(f"== {label}: {epochs} epochs on {name}", file=sys.stderr, flush=True)
+        a = tutorial_loop(args.prepared, mode, epochs, device, args.seed, weights)
+        b = ours(args.prepared, mode, epochs, device, args.seed, weights, **extra)
+        row = {"epochs": epochs, "tutorial": a, "ours": b,
+               "tutorial_epoch_s": per_epoch(a), "ours_epoch_s": per_epoch(b),
+               "epoch_ratio": per_epoch(a) / per_epoch(b),
+               "total_ratio": sum(a["epoch_seconds"]) / b["total_seconds"]}
+        results["runs"][label] = row
+        print(f"{label:>30}: tutorial {row['tutorial_epoch_s']:.3f} s/epoch (acc {a['best_val_acc']:.4f}), "
+              f"ours {row['ours_epoch_s']:.3f} s/epoch (acc {b['best_val_acc']:.4f}); "
+              f"per-epoch ratio {row['epoch_ratio']:.1f}x, whole-run ratio {row['total_ratio']:.1f}x",
+              file=sys.stderr, flush=True)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        results["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""activations: what each ResNet stage computes, as feature-map grids and per-layer statistics.
+
+python -m stages.activations --data data/prepared --model models --metrics metrics/activations.json
+    --out plots/activations [--params params.yaml]
+
+Writes plots/activations/<image-stem>/<layer>.png (the input, then the top activations.max_maps
+maps of that layer by mean activation), plots/activations/sparsity.csv and sparsity.png (fraction
+of exact zeros and mean activation per layer over the whole val split) and the same numbers, with
+std, channels, height, width and dead channels, to the metrics JSON.
+"""
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from stages.data import denormalize, eval_inputs, load_split, select_images
+from stages.features import capture, layer_statistics, minmax_per_map, resolve_layers, top_maps
+from stages.figures import chw_to_hwc, feature_maps_figure, layer_stats_figure, save_figure
+from stages.fileio import StageError, atomic_path, log, run_main, write_json
+from stages.model import load_checkpoint
+from stages.params import load_params, select_device
+from stages.training import probabilities
+
+
+def image_dirs(paths: list[str]) -> list[str]:
+    """One folder name per image: the file stem, or the whole path when two stems collide."""
+    stems = [Path(p).stem for p in paths]
+    return [s if stems.count(s) == 1 else p.replace("/", "_").rsplit(".", 1)[0] for s, p in zip(stems, paths)]
+
+
+def grid_figure(act, max_maps: int, image, layer: str, title: str, image_label: str):
+    """One image's maps of one layer (C x H x W): the top max_maps by mean activation, each min-max scaled."""
+    c, h, w = act.shape
+    idx, means = top_maps(act, max_maps)
+    labels = [f"#{r + 1}: channel {int(ch)}\nmean {m:.3g}" for r, (ch, m) in enumerate(zip(idx, means))]
+    return feature_maps_figure(
+        image, minmax_per_map(act[idx]).numpy(), labels, image_label=image_label,
+        suptitle=f"{title}\nlayer {layer}: {c} feature maps of {h} x {w} pixels - top {len(idx)} of {c} maps by "
+                 "mean activation,\neach scaled to its own min-max (dark = lowest, bright = highest value in that "
+                 "map; not comparable across maps)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in ("--data", "--model", "--metrics", "--out"):
+        ap.add_argument(flag, type=Path, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    p = load_params(args.params).activations
+    device = select_device(p.device)
+    model, meta = load_checkpoint(args.model)
+    model.to(device)
+    classes, crop = meta["classes"], meta["input_size"]
+    modules = resolve_layers(model, p.layers, crop)
+    val = load_split(args.data, "val")
+    if len(val) == 0:
+        raise StageError(f"{args.data}/val.pt holds no images; nothing to show (check the prepare stage)")
+    chosen = select_images(val, list(dict.fromkeys(p.images)), p.num_images)
+
+    folders = image_dirs(chosen.paths)
+    with atomic_path(args.out) as out:
+        out.mkdir()
+        # The images shown as grids, a batch at a time, every hook on.
+        bar = tqdm(total=len(chosen) * len(modules), desc="activation grids", unit="grid", leave=False)
+        for start in range(0, len(chosen), p.batch_size):
+            x = eval_inputs(chosen.images[start:start + p.batch_size].to(device), crop)
+            with capture(modules) as acts, torch.no_grad():
+                proba = probabilities(model(x).float().cpu(), meta["loss"])
+            shown = denormalize(x).cpu()
+            for j, i in enumerate(range(start, start + len(x))):
+                (out / folders[i]).mkdir()
+                truth, guess = classes[int(chosen.labels[i])], classes[int(proba[j].argmax())]
+                for layer, act in acts.items():
+                    fig = grid_figure(act[j].cpu(), p.max_maps, chw_to_hwc(shown[j]), layer,
+                                      title=f"{chosen.paths[i].split('/')[-1]}  (true: {truth}, predicted: {guess})",
+                                      image_label=f"input {crop}x{crop} (centre crop)\n"
+                                                  f"predicted {guess}, p={proba[j].max():.2f}")
+                    save_figure(fig, out / folders[i] / f"{layer}.png")
+                    bar.update()
+        bar.close()
+
+        # Statistics over the whole val split, batch by batch (the activations of all images would not fit).
+        batches = (eval_inputs(val.images[s:s + p.batch_size].to(device), crop)
+                   for s in tqdm(range(0, len(val), p.batch_size), desc="activation statistics", unit="batch", leave=False))
+        stats = layer_statistics(model, modules, batches)
+        table = pd.DataFrame({"layer": list(stats), "sparsity": [s["sparsity"] for s in stats.values()],
+                              "mean": [s["mean"] for s in stats.values()]})
+        table.to_csv(out / "sparsity.csv", index=False)
+        save_figure(layer_stats_figure(table["layer"].tolist(), table["sparsity"].tolist(), table["mean"].tolist(),
+                                       title=f"{meta['arch']} activations over {len(val)} val images"),
+                    out / "sparsity.png")
+    write_json(args.metrics, stats)
+    if not meta["arch"].startswith("resnet"):
+        log(f"note: {meta['arch']} blocks do not end in a ReLU; exact-zero sparsity is not comparable to a ResNet's")
+    log(f"activations: {len(chosen)} image(s) x {len(modules)} layer(s) -> {args.out}; over {len(val)} val images: "
+        + ", ".join(f"{n} {s['channels']}x{s['height']}x{s['width']} {s['sparsity']:.0%} zero, "
+                    f"mean {s['mean']:.3g}" for n, s in stats.items()))
+
+
+if __name__ == "__main__":
+    run_main(main)
