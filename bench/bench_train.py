@@ -86,6 +86,7 @@ def tutorial_loop(data_dir: Path, mode: str, epochs: int, device, seed: int, wei
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
+    model.load_state_dict(best)  # as the tutorial does: return the best-val-accuracy weights
     return {"epoch_seconds": seconds, "best_val_acc": best_acc}
 
 

@@ -63,7 +63,7 @@ def main(argv=None):
     with atomic_path(args.out) as out:
         out.mkdir()
         # The images shown as grids, a batch at a time, every hook on.
-        bar = tqdm(total=len(chosen) * len(modules), desc="activation grids", unit="grid", leave=False)
+        bar = tqdm(total=len(chosen) * len(modules), desc="activation grids", unit="grid", leave=False, disable=None)
         for start in range(0, len(chosen), p.batch_size):
             x = eval_inputs(chosen.images[start:start + p.batch_size].to(device), crop)
             with capture(modules) as acts, torch.no_grad():
@@ -83,7 +83,7 @@ def main(argv=None):
 
         # Statistics over the whole val split, batch by batch (the activations of all images would not fit).
         batches = (eval_inputs(val.images[s:s + p.batch_size].to(device), crop)
-                   for s in tqdm(range(0, len(val), p.batch_size), desc="activation statistics", unit="batch", leave=False))
+                   for s in tqdm(range(0, len(val), p.batch_size), desc="activation statistics", unit="batch", leave=False, disable=None))
         stats = layer_statistics(model, modules, batches)
         table = pd.DataFrame({"layer": list(stats), "sparsity": [s["sparsity"] for s in stats.values()],
                               "mean": [s["mean"] for s in stats.values()]})

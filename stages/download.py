@@ -163,7 +163,7 @@ def write_synthetic(p, tmp: Path) -> dict:
     total = sum(n for per_class in counts.values() for n in per_class.values())
     rows = []
     samples = synthetic.generate(counts, s.image_size, p.seed)
-    for sample in tqdm(samples, total=total, desc="synthetic", unit="img", file=sys.stderr, leave=False):
+    for sample in tqdm(samples, total=total, desc="synthetic", unit="img", file=sys.stderr, leave=False, disable=None):
         rel = f"{sample.split}/{sample.class_name}/{sample.index:04d}.png"
         mask_rel = f"masks/{rel}"
         for name in (rel, mask_rel):

@@ -97,7 +97,7 @@ def _fetch_once(url, tmp: Path, *, timeout, expected_size, desc, hint) -> dict:
         try:
             with open(tmp, "wb") as fh, tqdm(total=announced or expected_size, unit="B", unit_scale=True,
                                              unit_divisor=1024, desc=desc, file=sys.stderr,
-                                             mininterval=0.5, leave=False) as bar:
+                                             mininterval=0.5, leave=False, disable=None) as bar:
                 while block := response.read(CHUNK):
                     fh.write(block)
                     digest.update(block)

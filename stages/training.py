@@ -152,7 +152,7 @@ def train(model: nn.Module, train_split: Split, val_split: Split, tp: TrainParam
     else:
         train_x = train_split.images.to(device)  # uint8: 244 x 3 x 256 x 256 is 48 MB
         val_x = val_split.images.to(device)
-    train_y, val_y = train_split.labels.to(device), val_split.labels.to(device)
+    train_y = train_split.labels.to(device)
     net = torch.compile(model) if tp.compile and not cached else model
 
     history = History()

@@ -69,3 +69,27 @@ def make_weights_dir(root: Path) -> Path:
 
 TINY_TRAIN = {"epochs": 3, "batch_size": 8, "lr": 0.05, "crop": 32, "min_scale": 0.5, "device": "cpu",
               "step_size": 2, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and two threads on a busy two-core machine can be
+    many times slower than one (OpenMP threads waiting on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize_batchnorm(model, bias=(-0.2, 0.2)):
+    """Non-trivial BatchNorm statistics, so eval mode is not the identity and some units stay at 0."""
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(*bias)
+    return model

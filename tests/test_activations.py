@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from conftest import randomize_batchnorm
 import stages.activations as stage
 from stages import features as F
 from stages.data import MEAN, STD, eval_inputs
@@ -38,15 +39,7 @@ VAL_PATHS = ["val/ants/a0.jpg", "val/ants/a1.jpg", "val/ants/same.jpg", "val/ant
 def small_resnet(seed=0) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model("resnet18", 2)
-    # non-trivial batch-norm statistics, so eval mode is not the identity and some units stay at 0
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.2)
-    return model.eval()
+    return randomize_batchnorm(model, bias=(-0.3, 0.2)).eval()
 
 
 def reference_forward(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

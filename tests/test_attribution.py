@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from conftest import randomize_batchnorm
 from stages import attribution as A
 from stages.fileio import ParamsError
 from stages.params import SaliencyParams
@@ -21,27 +22,14 @@ from stages.params import SaliencyParams
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread is fastest, and two threads on a busy two-core machine can be
-    # many times slower than one (OpenMP threads waiting on each other)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def small_resnet(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(num_classes=2)
-    # give the batch norms non-trivial running statistics, so eval mode is not the identity
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.to(dtype).eval()
+    return randomize_batchnorm(model).to(dtype).eval()
 
 
 def images(n=3, side=64, seed=1, dtype=torch.float32):

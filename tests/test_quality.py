@@ -16,13 +16,8 @@ from stages import quality as Q
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread is fastest, and two threads on a busy two-core machine can be
-    # many times slower than one (OpenMP threads waiting on each other)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 class MeanPixelModel(nn.Module):

@@ -1,0 +1,62 @@
+"""Pipeline timings on this machine: `make demo` from scratch, a no-op `dvc repro`, and each
+stage rerun on its own with its wall time and peak RSS.
+
+    python bench/bench_pipeline.py [--demo demo] [--skip-demo]
+
+Runs scripts/demo.sh (unless --skip-demo), then inside demo/: `dvc repro` again (nothing to do),
+then every stage's command from dvc.yaml directly (so DVC's own overhead is not counted), each
+in its own process, measured with os.wait4. Prints a JSON report. Needs DVC (CPU machine).
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(cmd: list[str], cwd: Path, env: dict) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    err = proc.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", type=Path, default=ROOT / "demo")
+    ap.add_argument("--skip-demo", action="store_true", help="reuse an existing demo/ run")
+    args = ap.parse_args()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_demo:
+        report["make_demo_from_scratch"] = timed(["bash", str(ROOT / "scripts" / "demo.sh")], ROOT, env)
+    report["noop_dvc_repro"] = timed(["dvc", "repro"], args.demo, env)
+    report["dvc_status"] = timed(["dvc", "status"], args.demo, env)
+    stages = yaml.safe_load((args.demo / "dvc.yaml").read_text())["stages"]
+    report["stages"] = {}
+    for name, stage in stages.items():
+        report["stages"][name] = timed(shlex.split(stage["cmd"]), args.demo, env)
+        print(f"{name}: {report['stages'][name]}", file=sys.stderr, flush=True)
+    saliency = args.demo / "metrics" / "saliency.json"
+    if saliency.exists():
+        s = json.loads(saliency.read_text())
+        report["saliency_seconds_per_image"] = {m: v["seconds_per_image"] for m, v in s.items()
+                                                if isinstance(v, dict) and "seconds_per_image" in v}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
