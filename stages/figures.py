@@ -45,3 +45,180 @@ def chw_to_hwc(x) -> np.ndarray:
     """C x H x W tensor/array in [0,1] -> H x W x C numpy."""
     arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
     return np.clip(arr.transpose(1, 2, 0), 0, 1)
+
+
+def feature_maps_figure(image: np.ndarray, maps: np.ndarray, labels: list[str], suptitle: str = "",
+                        image_label: str = "input image", cols: int | None = None, size: float = 1.5):
+    """The input image (H x W x 3 in [0,1]) as the first panel, then K feature maps (K x h x w,
+    each already scaled to [0,1]) with one label each and one colour bar explaining the scale.
+    Default columns: a near-square grid, at most 10 wide (65 panels: 9 x 8)."""
+    n = len(maps) + 1
+    cols = min(cols or min(math.ceil(math.sqrt(n)), 10), n)
+    rows = math.ceil(n / cols)
+    top, right, pad = 1.0, 0.9, 0.1  # inches: suptitle band, colour-bar band, margins
+    width, height = cols * size + right + pad, rows * size * 1.15 + top + pad
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+    # fixed margins instead of a layout engine: with 65 panels constrained layout triples the time
+    fig.subplots_adjust(left=pad / width, right=1 - right / width, bottom=pad / height, top=1 - top / height,
+                        wspace=0.08, hspace=0.35)
+    for ax in axes.ravel():
+        ax.set_xticks([])  # hidden ticks are still laid out on every draw: dropping them halves the time
+        ax.set_yticks([])
+        ax.axis("off")
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title(image_label, fontsize=7, fontweight="bold")
+    shown = None
+    for i, (m, label) in enumerate(zip(maps, labels), start=1):
+        ax = axes.ravel()[i]
+        # nearest: a 7 x 7 map shows its 49 units as blocks instead of a smooth blur that isn't there
+        shown = ax.imshow(m, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(label, fontsize=7)
+    if shown is not None:
+        grid_h = 1 - (top + pad) / height
+        cax = fig.add_axes((1 - 0.7 / width, pad / height + grid_h * 0.2, 0.15 / width, grid_h * 0.6))
+        bar = fig.colorbar(shown, cax=cax, ticks=[0, 1])
+        bar.ax.set_yticklabels(["lowest\nin map", "highest\nin map"], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9, y=1 - pad / height, va="top")
+    return fig
+
+
+def layer_stats_figure(layers: list[str], sparsity: list[float], mean: list[float], title: str = ""):
+    """Two bar charts side by side: the fraction of exact-zero activations and the mean activation per layer."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    x = np.arange(len(layers))
+    left.bar(x, sparsity, color="tab:gray")
+    left.set_ylim(0, 1)
+    left.set_ylabel("fraction of activations exactly 0")
+    left.set_title("sparsity (units that did not fire)", fontsize=9)
+    for xi, v in zip(x, sparsity):
+        left.text(xi, v + 0.02, f"{v:.0%}", ha="center", fontsize=8)
+    right.bar(x, mean, color="tab:blue")
+    right.set_ylabel("mean activation")
+    right.set_title("mean activation (zeros included)", fontsize=9)
+    for ax in (left, right):
+        ax.set_xticks(x, layers)
+        ax.set_xlabel("layer (input side -> output side)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# ---- saliency maps (stages/saliency.py)
+
+HEAT_CMAP = "inferno"  # dark = not salient, bright yellow = most salient; readable in grey print too
+
+
+def scale_label(mode: str, percentile: float) -> str:
+    """What 0 and 1 mean on a saliency map scaled by attribution.normalize_maps."""
+    if mode == "percentile":
+        return f"0 = min, 1 = {percentile:g}th percentile and above, per image"
+    return "0 = min, 1 = max, per image"
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.8) -> np.ndarray:
+    """The image with a heat map painted over it: colour where the map is high, the plain image
+    where it is low (alpha grows with the map), so the object stays visible under weak saliency."""
+    heat = np.clip(heat, 0, 1)
+    alpha = strength * heat[..., None]
+    return np.clip((1 - alpha) * image + alpha * plt.get_cmap(HEAT_CMAP)(heat)[..., :3], 0, 1)
+
+
+def _panels(rows: int, cols: int, size: float, title_h: float, top: float, bar: bool = True):
+    """A figure of rows x cols square panels placed at fixed inches (a layout engine takes ~5x
+    longer to draw), `title_h` inches above each panel for its title, `top` inches for the
+    suptitle, and an axis for a colour bar on the right. Returns (fig, axes rows x cols, bar_ax)."""
+    pad, gap, right = 0.1, 0.15, (0.95 if bar else 0.1)
+    width = pad + cols * size + (cols - 1) * gap + right
+    height = top + rows * (size + title_h) + pad
+    fig = plt.figure(figsize=(width, height))
+    axes = np.empty((rows, cols), dtype=object)
+    for r in range(rows):
+        for c in range(cols):
+            ax = fig.add_axes(((pad + c * (size + gap)) / width,
+                               (height - top - (r + 1) * (size + title_h) + title_h * 0) / height,
+                               size / width, size / height))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            axes[r, c] = ax
+    bar_h = min(rows * (size + title_h) - title_h, 3.0)
+    bar_ax = fig.add_axes(((width - right + 0.15) / width, (pad + (rows * (size + title_h) - title_h - bar_h) / 2) / height,
+                           0.14 / width, bar_h / height)) if bar else None
+    return fig, axes, bar_ax
+
+
+def _heat_colorbar(fig, shown, bar_ax, scale: str):
+    bar = fig.colorbar(shown, cax=bar_ax, ticks=[0, 1])
+    bar.ax.set_yticklabels(["0: low", "1: high"], fontsize=7)
+    bar.set_label(f"saliency ({scale})", fontsize=7)
+
+
+def saliency_figure(image: np.ndarray, channel_maps: np.ndarray, combined: np.ndarray, title: str,
+                    method: str, scale: str, size: float = 2.0, map_note: str = "one value per pixel"):
+    """One image explained by one method, panels left to right: the input; with 3 channel maps
+    (3 x H x W in [0,1], one scale shared by R, G and B) a panel per channel and the combined map
+    (H x W, max over channels); with 1 channel (Grad-CAM) the map, `map_note` under its title;
+    then the map over the input."""
+    panels = [("input (de-normalised)", image, False)]
+    if channel_maps.shape[0] == 3:
+        for name, m in zip(("R", "G", "B"), channel_maps):
+            panels.append((f"|{method}|, {name} channel\n(R, G, B share one scale)", m, True))
+        panels.append(("combined: max over R, G, B\n(own scale)", combined, True))
+    else:
+        panels.append((f"{method} map\n({map_note})", combined, True))
+    panels.append(("overlay on the input\n(bright colour = salient)", heat_overlay(image, combined), False))
+    fig, axes, bar_ax = _panels(1, len(panels), size, title_h=0.4, top=0.12 + 0.17 * (title.count("\n") + 1))
+    for ax, (label, arr, is_map) in zip(axes[0], panels):
+        ax.imshow(arr, cmap=HEAT_CMAP, vmin=0, vmax=1) if is_map else ax.imshow(arr)
+        ax.set_title(label, fontsize=7.5)
+    _heat_colorbar(fig, axes[0, 1].images[0], bar_ax, scale)
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / fig.get_figheight(), va="top")
+    return fig
+
+
+def saliency_rows_figure(images: list[np.ndarray], columns: list[tuple], row_titles: list[str],
+                         suptitle: str, scale: str, size: float = 1.8):
+    """One row per image: the input (titled with row_titles[i]), then one panel per column.
+
+    columns: (header, maps N x H x W in [0,1], overlay: bool, cell_titles: list[str] | None);
+    an overlay column paints the map over the input, else the map is shown on its own.
+    """
+    n = max(len(images), 1)
+    title_lines = 1 + max([r.count("\n") + 1 for r in row_titles] + [h.count("\n") + 1 + (c is not None) for h, _, _, c in columns])
+    fig, axes, bar_ax = _panels(n, 1 + len(columns), size, title_h=0.13 * title_lines + 0.05,
+                                top=0.12 + 0.17 * (suptitle.count("\n") + 1))
+    shown = None
+    for i in range(len(images)):
+        axes[i, 0].imshow(images[i])
+        axes[i, 0].set_title(row_titles[i], fontsize=7)
+        for ax, (header, maps, overlay, cell_titles) in zip(axes[i, 1:], columns):
+            if overlay:
+                ax.imshow(heat_overlay(images[i], maps[i]))
+            else:
+                shown = ax.imshow(maps[i], cmap=HEAT_CMAP, vmin=0, vmax=1)
+            ax.set_title(header if cell_titles is None else f"{header}\n{cell_titles[i]}", fontsize=7)
+    if shown is not None:
+        _heat_colorbar(fig, shown, bar_ax, scale)
+    else:
+        bar_ax.axis("off")
+    fig.suptitle(suptitle, fontsize=9, y=1 - 0.05 / fig.get_figheight(), va="top")
+    return fig
+
+
+def randomization_figure(curves: dict[str, list[tuple[str, float]]], title: str = ""):
+    """Mean Spearman rho (trained-model map vs randomised-model map) after each cumulative
+    re-initialisation step, one line per method: {method: [("original", rho), ("fc", rho), ...]}."""
+    fig, ax = plt.subplots(figsize=(7, 3.8), layout="constrained")
+    steps = []
+    for method, points in curves.items():
+        steps = [s for s, _ in points] if len(points) > len(steps) else steps
+        ax.plot(range(len(points)), [r for _, r in points], marker="o", label=method)
+    ax.axhline(0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(range(len(steps)), steps)
+    ax.set_ylim(min(-0.2, ax.get_ylim()[0]), 1.05)
+    ax.set_xlabel("re-initialised so far (cumulative, from the output layer down to the input)")
+    ax.set_ylabel("Spearman rho with the trained\nmodel's map (mean over images)")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Model-randomisation check: a map that explains the model should fall towards 0",
+                 fontsize=9)
+    return fig

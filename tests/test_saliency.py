@@ -1,0 +1,165 @@
+"""The saliency stage end to end on a tiny prepared dir with object masks, checked against
+stages.attribution recomputed here, captum (test-only oracle) and hand-computed baselines."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_prepared, make_weights_dir, run_stage, write_params
+from stages import attribution as A
+from stages import saliency as stage
+from stages.data import eval_inputs, load_split, select_images
+from stages.fileio import run_main
+from stages.model import build_model, load_checkpoint, save_checkpoint
+
+CROP, SIDE = 48, 56  # 48 px: Grad-CAM's layer4 grid is 2 x 2 (at 32 px it is 1 x 1, a constant map)
+METHODS = ["gradient", "smoothgrad", "integrated_gradients", "gradcam"]
+SMALL = {"num_images": 3, "quality_images": 6, "smoothgrad_samples": 2, "ig_steps": 4, "quality_steps": 4,
+         "bootstrap": 50, "batch_size": 8, "device": "cpu", "methods": METHODS}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest on a busy 2-core machine
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saliency")
+    prepared = make_prepared(root / "prepared", n_train=4, n_val=8, size=SIDE, masks=True)
+    weights = make_weights_dir(root / "weights")
+    torch.manual_seed(1)
+    meta = {"arch": "resnet18", "classes": ["ants", "bees"], "input_size": CROP, "loss": "cross_entropy",
+            "mode": "finetune", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    save_checkpoint(root / "models", build_model("resnet18", 2), meta)
+    return {"root": root, "prepared": prepared, "weights": weights, "models": root / "models"}
+
+
+def args(project, out, params):
+    return ["--data", project["prepared"], "--model", project["models"], "--weights", project["weights"],
+            "--metrics", out / "metrics" / "saliency.json", "--out", out / "plots" / "saliency", "--params", params]
+
+
+@pytest.fixture(scope="module")
+def full_run(project, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    params = write_params(out / "params.yaml", {"saliency": SMALL})
+    done = run_stage("saliency", *args(project, out, params), env=ONE_THREAD, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return {"out": out / "plots" / "saliency", "metrics": json.loads((out / "metrics" / "saliency.json").read_text()),
+            "stderr": done.stderr}
+
+
+def test_every_declared_output_exists(full_run, project):
+    out = full_run["out"]
+    chosen = select_images(load_split(project["prepared"], "val"), [], SMALL["num_images"])
+    for name in METHODS:
+        assert (out / f"{name}.png").stat().st_size > 0
+        assert (out / name / "attributions.npz").exists()
+        for path in chosen.paths:
+            assert (out / name / (path.split("/")[-1].rsplit(".", 1)[0] + ".png")).stat().st_size > 0
+    for name in ("before_after.png", "randomization.png", "randomization.csv", "quality.csv"):
+        assert (out / name).stat().st_size > 0
+    assert "deletion AUC" in full_run["stderr"] and "center" in full_run["stderr"]
+
+
+def test_npz_holds_raw_maps_equal_to_gradient_and_captum(full_run, project):
+    from captum.attr import Saliency
+
+    model, _ = load_checkpoint(project["models"])
+    chosen = select_images(load_split(project["prepared"], "val"), [], SMALL["num_images"])
+    x = eval_inputs(chosen.images, CROP)
+    target = model(x).argmax(1)
+    for name, channels in (("gradient", 3), ("smoothgrad", 3), ("integrated_gradients", 3), ("gradcam", 1)):
+        z = np.load(full_run["out"] / name / "attributions.npz")
+        assert z["maps"].shape == (len(x), channels, CROP, CROP) and z["maps"].dtype == np.float32
+        assert np.allclose(z["inputs"], x.numpy(), atol=1e-6)
+        assert z["target"].tolist() == target.tolist()
+        assert z["paths"].tolist() == chosen.paths
+    z = np.load(full_run["out"] / "gradient" / "attributions.npz")
+    inputs, tgt = torch.from_numpy(z["inputs"]), torch.from_numpy(z["target"])
+    assert np.allclose(z["maps"], A.gradient(model, inputs, tgt).numpy(), atol=1e-6, rtol=0)
+    oracle = Saliency(model).attribute(inputs.clone().requires_grad_(True), target=tgt, abs=True)
+    assert np.allclose(z["maps"], oracle.detach().numpy(), atol=1e-6, rtol=0)
+    ig = np.load(full_run["out"] / "integrated_gradients" / "attributions.npz")["maps"]
+    assert (ig < 0).any()  # stored raw (signed); only the figures and metrics take abs
+
+
+def test_metrics_cover_methods_and_baselines_with_intervals(full_run):
+    m = full_run["metrics"]
+    assert m["n_images"] == SMALL["num_images"] and m["n_quality_images"] == SMALL["quality_images"] and m["masks"]
+    table = pd.read_csv(full_run["out"] / "quality.csv")
+    for name in METHODS + ["random", "center"]:
+        for metric in ("deletion_auc", "insertion_auc", "pointing_game", "mass_inside"):
+            ci = m[name][metric]
+            assert set(ci) == {"mean", "low", "high", "n"} and ci["n"] == SMALL["quality_images"]
+            assert ci["low"] <= ci["mean"] <= ci["high"]
+            row = table[(table.method == name) & (table.metric == metric)]
+            assert row[["mean", "low", "high"]].values.tolist() == [[ci["mean"], ci["low"], ci["high"]]]
+        assert m[name]["metric_passes"]["deletion_insertion"] == {"forward": 2 * (SMALL["quality_steps"] + 1),
+                                                                  "backward": 0}
+    for name, passes in (("gradient", 1), ("smoothgrad", 2), ("integrated_gradients", 4), ("gradcam", 1)):
+        assert (m[name]["passes"]["forward"], m[name]["passes"]["backward"]) == (passes, passes)
+        assert m[name]["seconds_per_image"] > 0
+    assert 0 <= m["integrated_gradients"]["ig_completeness_error"]["mean"]
+    # hand-computed baselines: the mask (the middle half of the 56 px square, 28 x 28 px, all inside the
+    # 48 px crop) holds the centre, so the centre prior always points inside; uniform noise puts about
+    # the mask's share of the area inside it
+    assert m["center"]["pointing_game"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 6}
+    assert m["random"]["mass_inside"]["mean"] == pytest.approx((SIDE // 2) ** 2 / CROP ** 2, abs=0.03)
+
+
+def test_randomization_runs_for_one_pass_methods_on_cpu_and_says_which_it_skipped(full_run):
+    m, rand = full_run["metrics"], pd.read_csv(full_run["out"] / "randomization.csv")
+    assert list(rand.columns) == ["step", "layer", "method", "rho"]
+    assert m["randomization_skipped"] == ["smoothgrad", "integrated_gradients"]
+    assert sorted(set(rand.method)) == ["gradcam", "gradient"]
+    for name in ("gradient", "gradcam"):
+        rows = rand[rand.method == name]
+        assert rows.layer.tolist() == ["original", "fc", "layer4", "layer3", "layer2", "layer1", "conv1+bn1"]
+        assert rows.step.tolist() == list(range(7))
+        assert rows.rho.iloc[0] == pytest.approx(1.0)  # the unmodified copy gives the same map
+        assert m[name]["randomization_rho"] == rows.rho.iloc[-1]
+    assert m["smoothgrad"]["randomization_rho"] is None
+
+
+def test_explicit_image_list_is_explained_in_its_order(project, tmp_path):
+    chosen = ["val/bees/005.png", "val/ants/002.png"]
+    params = write_params(tmp_path / "params.yaml", {"saliency": {
+        **SMALL, "images": chosen, "methods": ["gradcam"], "randomization": False, "before_after": False,
+        "normalize": "percentile", "percentile": 95.0}})
+    run_main(stage.main, [str(a) for a in args(project, tmp_path, params)])  # in this process: no second start-up
+    out = tmp_path / "plots" / "saliency"
+    z = np.load(out / "gradcam" / "attributions.npz")
+    assert z["paths"].tolist() == chosen and z["maps"].shape == (2, 1, CROP, CROP)
+    assert sorted(p.name for p in (out / "gradcam").glob("*.png")) == ["002.png", "005.png"]
+    assert not (out / "before_after.png").exists() and not (out / "randomization.csv").exists()
+
+
+def run_cli(project, tmp_path, capsys, **saliency):
+    params = write_params(tmp_path / "params.yaml", {"saliency": {**SMALL, **saliency}})
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(stage.main, [str(a) for a in args(project, tmp_path, params)])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_unknown_image_path_is_refused_clearly(project, tmp_path, capsys):
+    code, err = run_cli(project, tmp_path, capsys, images=["val/ants/000.png", "val/ants/nope.jpg"])
+    assert code == 1
+    assert "val/ants/nope.jpg" in err and "not in the prepared val split" in err
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
+
+
+def test_empty_method_list_is_refused_clearly(project, tmp_path, capsys):
+    code, err = run_cli(project, tmp_path, capsys, methods=[])
+    assert code == 2
+    assert "saliency.methods is empty" in err and "gradient" in err
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
