@@ -63,7 +63,8 @@ def main(argv=None):
         table.to_csv(out / "predictions.csv", index=False)
         pd.DataFrame(roc_points(y_true, proba)).to_csv(out / "roc.csv", index=False)
         pd.DataFrame(pr_points(y_true, proba)).to_csv(out / "precision_recall.csv", index=False)
-        pd.DataFrame(reliability_table(y_true, proba, p.evaluate.ece_bins)).to_csv(out / "reliability.csv", index=False)
+        bins = [row for row in reliability_table(y_true, proba, p.evaluate.ece_bins) if row["count"]]  # no empty bins
+        pd.DataFrame(bins).to_csv(out / "reliability.csv", index=False)
         save_figure(gallery, out / "misclassified.png")
     write_json(args.metrics, scores)
     log(f"evaluate: accuracy {scores['accuracy']:.4f}, balanced {scores['balanced_accuracy']:.4f}, "

@@ -181,9 +181,12 @@ def main(argv=None):
             save_figure(before_after_figure(model, x, pred, prob, maps_of, images, titles, meta, args.weights, p),
                         out / "before_after.png")
         if curves:
-            rows = [(step, layer, name, rho) for name, c in curves.items() for step, (layer, rho) in enumerate(c)]
-            pd.DataFrame(rows, columns=["step", "layer", "method", "rho"]).to_csv(out / "randomization.csv",
-                                                                                  index=False)
+            # one column per method, so DVC draws one line per method over the same steps
+            first = next(iter(curves.values()))
+            table = pd.DataFrame({"step": range(len(first)), "layer": [layer for layer, _ in first]})
+            for name, c in curves.items():
+                table[name] = [rho for _, rho in c]
+            table.to_csv(out / "randomization.csv", index=False)
             curves_shown = {LABELS[k]: c for k, c in curves.items()}
             save_figure(randomization_figure(curves_shown, randomization_title(nr, skipped)), out / "randomization.png")
         rows = [(k, metric, v["mean"], v["low"], v["high"]) for k, m in metrics.items()

@@ -1,0 +1,336 @@
+"""DVC behaviour of the real dvc.yaml on a tiny synthetic run: what reruns after an edit, experiments
+to compare losses, recovery from a killed run, and the plots page.
+
+Each test works on its own copy of one finished project (see dvc_helpers.finished_project); DVC
+never runs in the real working tree. The assertions read what DVC itself reports.
+"""
+from __future__ import annotations
+
+import html.parser
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dvc_helpers import (copy_project, dvc, dvc_env, dvc_json, dvc_yaml_stages, finished_project, git,
+                         metrics_files, set_params, stage_report)
+
+STAGES = dvc_yaml_stages()
+DOWNSTREAM_OF_MODEL = {"finetune", "evaluate", "saliency", "activations"}
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    return finished_project(tmp_path_factory)
+
+
+@pytest.fixture
+def project(finished, tmp_path):
+    return copy_project(finished[0], tmp_path / "project")
+
+
+def status(project: Path) -> dict:
+    return dvc_json(project, "status")
+
+
+def test_full_repro_runs_every_stage_then_nothing_is_left_to_do(finished, project):
+    first = stage_report(finished[1])
+    assert first["ran"] == set(STAGES), f"the first `dvc repro` should run every stage:\n{finished[1][-3000:]}"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+    for name in metrics_files(project):
+        assert isinstance(json.loads((project / name).read_text()), dict), name
+
+    assert status(project) == {}
+    lock_before = (project / "dvc.lock").read_bytes()
+    again = dvc(project, "repro").stdout
+    report = stage_report(again)
+    assert report["ran"] == set() and report["restored"] == set(), again
+    assert report["skipped"] == set(STAGES), again
+    assert (project / "dvc.lock").read_bytes() == lock_before
+    assert git(project, "status", "--porcelain").stdout == "", "a no-op repro must not touch tracked files"
+
+
+def _check_edit(project: Path, out: str, key: str, value, changed: str, reruns: set[str]) -> None:
+    report = stage_report(out)
+    assert report["ran"] == reruns, out
+    assert report["skipped"] == set(STAGES) - reruns, out
+    section, leaf = key.split(".")
+    locked = yaml.safe_load((project / "dvc.lock").read_text())["stages"][changed]["params"]["params.yaml"]
+    assert (locked[key] if key in locked else locked[section][leaf]) == value
+    assert status(project) == {}
+
+
+@pytest.mark.parametrize("key, value, changed, reruns", [
+    ("saliency.bootstrap", 60, "saliency", {"saliency"}),
+    ("prepare.resize", 44, "prepare", {"prepare"} | DOWNSTREAM_OF_MODEL),
+])
+def test_editing_a_param_reruns_exactly_the_stages_it_affects(project, key, value, changed, reruns):
+    set_params(project, **{key: value})
+    # `dvc status` names only the stage that reads the key; the rest follow through changed outputs
+    assert set(status(project)) == {changed}
+    _check_edit(project, dvc(project, "repro").stdout, key, value, changed, reruns)
+
+
+def _kill_during_finetune(project: Path) -> tuple[int, str]:
+    """Start `dvc repro`, SIGKILL its whole process group once finetune has logged its first epoch
+    (into the dvclive temp dir), return (exit status, what DVC had printed)."""
+    log = project.parent / "killed-repro.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=dvc_env(), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        started = lambda: "Running stage 'finetune'" in log.read_text() and any(
+            project.glob("plots/.train.*.tmp/plots/metrics/train_loss.tsv"))
+        _wait_for(started, proc, 300, "finetune to log its first epoch")
+        assert proc.poll() is None, f"dvc repro ended before it could be killed:\n{log.read_text()[-3000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, log.read_text()
+
+
+@pytest.fixture(scope="module")
+def loss_edited(finished, tmp_path_factory):
+    """A copy of the finished project where `train.loss: bce_with_logits` was set, a `dvc repro` was
+    killed in the middle of finetune, and a second `dvc repro` completed. One expensive run serves
+    three tests: the train.loss edit (what the completed repro ran), the kill (the state between
+    the two runs, the final outputs) and the experiments (the bce run is now in the run-cache)."""
+    project = copy_project(finished[0], tmp_path_factory.mktemp("loss") / "project")
+    set_params(project, **{"train.loss": "bce_with_logits"})
+    facts = {"project": project, "status_before": set(status(project)),
+             "lock_before": (project / "dvc.lock").read_bytes()}
+    facts["killed_rc"], facts["killed_log"] = _kill_during_finetune(project)
+    facts.update(lock_after_kill=(project / "dvc.lock").read_bytes(), status_after_kill=status(project),
+                 models_after_kill=(project / "models").exists(),
+                 train_metrics_after_kill=(project / "metrics/train.json").exists())
+    facts["output"] = dvc(project, "repro").stdout
+    return facts
+
+
+def test_editing_train_loss_reruns_finetune_and_everything_downstream(loss_edited):
+    assert loss_edited["status_before"] == {"finetune"}
+    _check_edit(loss_edited["project"], loss_edited["output"], "train.loss", "bce_with_logits", "finetune",
+                DOWNSTREAM_OF_MODEL)
+
+
+def test_killed_repro_during_finetune_recovers_on_the_next_repro(loss_edited):
+    project = loss_edited["project"]
+    assert loss_edited["killed_rc"] == -signal.SIGKILL
+    assert "Running stage 'evaluate'" not in loss_edited["killed_log"]
+    # nothing half-done was recorded: the lock still holds the old run, DVC knows finetune must rerun,
+    # and no partial model sits at the output path (DVC removed the old one before running the
+    # stage; the stage writes models/ through a temporary directory renamed only when complete)
+    assert loss_edited["lock_after_kill"] == loss_edited["lock_before"]
+    assert "finetune" in loss_edited["status_after_kill"]
+    assert not loss_edited["models_after_kill"] and not loss_edited["train_metrics_after_kill"]
+
+    # the next `dvc repro` (test above: it ran exactly finetune and what follows) left valid outputs
+    assert status(project) == {}
+    state = torch.load(project / "models" / "model.pt", weights_only=True)
+    assert state["fc.weight"].shape == (2, 512)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    epochs = yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"]
+    train = json.loads((project / "metrics" / "train.json").read_text())
+    assert train["last_epoch"]["epoch"] == epochs
+    rows = (project / "plots/train/plots/metrics/train_loss.tsv").read_text().strip().splitlines()
+    assert len(rows) == 1 + epochs, "one header + one row per epoch of the completed run only"
+    meta = json.loads((project / "models" / "model.json").read_text())
+    assert meta["loss"] == "bce_with_logits"
+    # the killed run's temporaries were cleared by the rerun, and git would ignore them anyway
+    assert not list(project.glob("plots/.train.*.tmp")) and not list(project.glob(".models.*.tmp"))
+    assert subprocess.run(["git", "check-ignore", "-q", "plots/.train.x.tmp"], cwd=project).returncode == 0
+
+
+def _flatten(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_loss_comparison_with_experiments(loss_edited, tmp_path):
+    """Two named experiments that differ only in train.loss, compared with exp show / params diff /
+    metrics diff. Experiment names work directly as revisions for `dvc params|metrics diff`.
+
+    Runs in a copy of the loss_edited project reset to the committed baseline: its run-cache already
+    holds the bce_with_logits run, so the bce experiment restores those stages instead of running them.
+    """
+    project = copy_project(loss_edited["project"], tmp_path / "project")
+    git(project, "reset", "-q", "--hard", "HEAD")
+    dvc(project, "checkout", "-q")
+    assert status(project) == {}
+    ce = dvc(project, "exp", "run", "-n", "ce", "-S", "train.loss=cross_entropy").stdout
+    # cross_entropy is the committed value: nothing to run, the experiment records the baseline
+    assert stage_report(ce)["ran"] == set(), ce
+    bce = dvc(project, "exp", "run", "-n", "bce", "-S", "train.loss=bce_with_logits").stdout
+    report = stage_report(bce)
+    assert report["restored"] == DOWNSTREAM_OF_MODEL and report["ran"] == set(), bce
+
+    head = git(project, "rev-parse", "HEAD").stdout.strip()
+    rows = dvc_json(project, "exp", "show")
+    baseline = next(r for r in rows if r["rev"] == head)
+    exps = {e["name"]: e["revs"][0]["data"] for e in baseline["experiments"]}
+    assert set(exps) == {"ce", "bce"}
+    for name, loss in (("ce", "cross_entropy"), ("bce", "bce_with_logits")):
+        assert exps[name]["params"]["params.yaml"]["data"]["train"]["loss"] == loss
+        assert set(exps[name]["metrics"]) == set(metrics_files(project))
+    # the ce experiment is the committed run: its metrics are the ones in git
+    for name in metrics_files(project):
+        committed = json.loads(git(project, "show", f"HEAD:{name}").stdout)
+        assert _flatten(exps["ce"]["metrics"][name]["data"]) == _flatten(committed), name
+    # and the bce experiment is exactly the run the loss_edited project did (restored, not rerun)
+    for name in metrics_files(project):
+        ran = json.loads((loss_edited["project"] / name).read_text())
+        assert _flatten(exps["bce"]["metrics"][name]["data"]) == _flatten(ran), name
+
+    params_diff = dvc_json(project, "params", "diff", "ce", "bce")
+    assert params_diff == {"params.yaml": {"train.loss": {"old": "cross_entropy", "new": "bce_with_logits"}}}
+
+    metrics_diff = dvc_json(project, "metrics", "diff", "ce", "bce")
+    assert "metrics/data.json" not in metrics_diff, "prepare did not rerun; its metrics cannot differ"
+    assert {"metrics/train.json", "metrics/eval.json"} <= set(metrics_diff)
+    assert "last_epoch.train_loss" in metrics_diff["metrics/train.json"], "another loss gives another loss value"
+    for path, entries in metrics_diff.items():
+        old, new = _flatten(exps["ce"]["metrics"][path]["data"]), _flatten(exps["bce"]["metrics"][path]["data"])
+        for key, d in entries.items():
+            assert (d["old"], d["new"]) == (old[key], new[key]), (path, key)
+            assert d["old"] != d["new"]
+        # and every numeric metric that changed is reported
+        assert {k for k in old if k in new and old[k] != new[k]} == set(entries), path
+
+
+def _wait_for(predicate, proc, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate() or proc.poll() is not None:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- the plots page ----------------------------------------------------------------------------------
+
+class _Page(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.div_ids, self.img_srcs = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "div" and "id" in attrs:
+            self.div_ids.append(attrs["id"].strip())
+        elif tag == "img":
+            self.img_srcs.append(attrs["src"])
+
+
+def _specs(page: str) -> dict[str, dict]:
+    """{div id: vega-lite spec} from the `var spec = {...}; vegaEmbed('#id', spec)` blocks."""
+    decoder, specs = json.JSONDecoder(), {}
+    for m in re.finditer(r"var spec = ", page):
+        spec, end = decoder.raw_decode(page, m.end())
+        target = re.match(r"\s*;?\s*vegaEmbed\('#([^']+)'", page[end:])
+        assert target, page[end:end + 200]
+        specs[target.group(1)] = spec
+    return specs
+
+
+@pytest.fixture(scope="module")
+def plots_page(finished, tmp_path_factory):
+    """`dvc plots show -o DIR` in a copy of the finished project: (project, DIR, declared plots)."""
+    project = copy_project(finished[0], tmp_path_factory.mktemp("plots") / "project")
+    out = project.parent / "dvc_plots"
+    dvc(project, "plots", "show", "-q", "-o", out)
+    declared = yaml.safe_load((project / "dvc.yaml").read_text())["plots"]
+    return project, out, declared
+
+
+def test_plots_show_writes_one_page_with_every_declared_plot(plots_page):
+    project, out, declared = plots_page
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "static"]
+    page = (out / "index.html").read_text()
+    parsed = _Page()
+    parsed.feed(page)
+    specs = _specs(page)
+
+    charts = {next(iter(p)): next(iter(p.values())) for p in declared if isinstance(p, dict)}
+    images = [p for p in declared if isinstance(p, str)]
+    by_title = {s["title"]["text"]: s for s in specs.values()}
+    assert set(by_title) == set(charts), "one chart per declared plot id, no more"
+    assert set(specs) <= set(parsed.div_ids)
+    for plot_id, cfg in charts.items():
+        spec, rows = by_title[plot_id], by_title[plot_id]["data"]["values"]
+        for path, field in cfg["y"].items():
+            assert (project / path).is_file(), path
+            assert any(field in row for row in rows), f"{plot_id}: no {field} values from {path}"
+        assert all(cfg["x"] in row for row in rows), f"{plot_id}: rows without x={cfg['x']}"
+        text = json.dumps(spec)
+        assert json.dumps(cfg["x_label"]) in text and json.dumps(cfg["y_label"]) in text, plot_id
+
+    # the image plots: one <img> each, pointing at a copy of the workspace file
+    assert len(parsed.img_srcs) == len(images)
+    for image in images:
+        want = (project / image).read_bytes()
+        assert want.startswith(b"\x89PNG"), image
+        assert any((out / src).read_bytes() == want for src in parsed.img_srcs), image
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PROBE = """<script>
+window.addEventListener('load', function () { setTimeout(function () {
+  var imgs = Array.from(document.images);
+  var p = document.createElement('pre'); p.id = 'probe';
+  p.textContent = JSON.stringify({
+    images: imgs.length,
+    images_loaded: imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
+    charts: document.querySelectorAll('div[id] canvas, div[id] svg').length,
+    vega: typeof vegaEmbed !== 'undefined'});
+  document.body.appendChild(p);
+}, 1000); });
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)")
+def test_plots_page_renders_in_headless_chromium(plots_page, tmp_path):
+    """Loads the page in a real browser: every image must decode. The charts need Vega from
+    cdn.jsdelivr.net (DVC's page template links it); they are checked only when that loads."""
+    _, out, declared = plots_page
+    probe = out / "probe.html"
+    probe.write_text((out / "index.html").read_text().replace("</body>", PROBE + "</body>"))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000"]
+    dom = subprocess.run(flags + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="probe">([^<]*)</pre>', dom.stdout)
+    assert found, f"the page did not finish loading in chromium:\n{dom.stderr[-2000:]}"
+    result = json.loads(found.group(1).replace("&quot;", '"'))
+    n_images = sum(isinstance(p, str) for p in declared)
+    assert result["images"] == result["images_loaded"] == n_images, result
+    if result["vega"]:
+        assert result["charts"] >= sum(isinstance(p, dict) for p in declared), result
+    else:
+        warnings.warn("Vega did not load from cdn.jsdelivr.net (offline?): charts were not checked in chromium")
+
+    shot = tmp_path / "page.png"
+    subprocess.run(flags + ["--window-size=1280,4000", f"--screenshot={shot}", (out / "index.html").as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        lo, hi = im.convert("L").getextrema()
+    assert hi - lo > 50, "the screenshot is blank"
