@@ -20,4 +20,15 @@ dvc repro
 dvc plots show -q -o dvc_plots >/dev/null
 echo "demo: pipeline done in $(( $(date +%s) - start )) s. Results in demo/: metrics/*.json, plots/, models/;" \
      "open demo/dvc_plots/index.html for all plots." >&2
-dvc metrics show >&2
+python - <<'PY' >&2
+import json
+ev, sal = (json.load(open(f"metrics/{n}.json")) for n in ("eval", "saliency"))
+print(f"val accuracy {ev['accuracy']:.3f} (balanced {ev['balanced_accuracy']:.3f}, ECE {ev['ece']:.3f}); "
+      "saliency (95% CI) vs a random map:")
+for name in [m for m in sal if isinstance(sal[m], dict) and "deletion_auc" in sal[m]]:
+    m = sal[name]
+    cells = [f"{k} {m[k]['mean']:.2f} [{m[k]['low']:.2f}, {m[k]['high']:.2f}]"
+             for k in ("deletion_auc", "insertion_auc", "pointing_game") if k in m]
+    print(f"  {name:>20}: " + ", ".join(cells))
+PY
+echo "more: (cd demo && dvc metrics show), (cd demo && dvc exp run -S train.loss=bce_with_logits)" >&2
