@@ -8,7 +8,6 @@ maps of that layer by mean activation), plots/activations/sparsity.csv and spars
 of exact zeros and mean activation per layer over the whole val split) and the same numbers, with
 std, channels, height, width and dead channels, to the metrics JSON.
 """
-import argparse
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +19,7 @@ from stages.features import capture, layer_statistics, minmax_per_map, resolve_l
 from stages.figures import chw_to_hwc, feature_maps_figure, layer_stats_figure, save_figure
 from stages.fileio import StageError, atomic_path, log, run_main, write_json
 from stages.model import load_checkpoint
-from stages.params import load_params, select_device
+from stages.params import select_device, stage_args
 from stages.training import probabilities
 
 
@@ -43,12 +42,8 @@ def grid_figure(act, max_maps: int, image, layer: str, title: str, image_label: 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag in ("--data", "--model", "--metrics", "--out"):
-        ap.add_argument(flag, type=Path, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params).activations
+    args, p = stage_args(__doc__, ("--data", "--model", "--metrics", "--out"), argv)
+    p = p.activations
     device = select_device(p.device)
     model, meta = load_checkpoint(args.model)
     model.to(device)

@@ -2,8 +2,6 @@
 
 python -m stages.evaluate --data data/prepared --model models --metrics metrics/eval.json --plots plots/eval
 """
-import argparse
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +10,7 @@ from stages.data import center_crop, load_split
 from stages.figures import chw_to_hwc, image_grid, save_figure
 from stages.fileio import atomic_path, log, run_main, write_json
 from stages.model import load_checkpoint
-from stages.params import load_params, select_device
+from stages.params import select_device, stage_args
 from stages.scoring import (classification_metrics, confusion, pr_points, reliability_table,
                             roc_points)
 from stages.training import predict_logits, probabilities
@@ -29,12 +27,7 @@ def predictions_table(paths, y_true, proba, classes) -> pd.DataFrame:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    for flag in ("--data", "--model", "--metrics", "--plots"):
-        ap.add_argument(flag, type=Path, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
+    args, p = stage_args(__doc__, ("--data", "--model", "--metrics", "--plots"), argv)
     device = select_device(p.train.device)
     model, meta = load_checkpoint(args.model)
     classes = meta["classes"]

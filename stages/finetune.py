@@ -3,20 +3,17 @@
 python -m stages.finetune --data data/prepared --weights data/weights --model models \
     --metrics metrics/train.json --live plots/train
 """
-import argparse
 import hashlib
 import json
 import os
 import platform
-from pathlib import Path
 
 import torch
 
-from stages.data import load_classes, load_split
+from stages.data import MEAN, STD, load_classes, load_split
 from stages.fileio import ParamsError, atomic_path, log, run_main, write_json
 from stages.model import initial_model, save_checkpoint
-from stages.data import MEAN, STD
-from stages.params import load_params, select_device, to_dict
+from stages.params import select_device, stage_args, to_dict
 from stages.training import History, configure, train
 
 
@@ -37,12 +34,7 @@ def device_name(device: torch.device) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    for flag in ("--data", "--weights", "--model", "--metrics", "--live"):
-        ap.add_argument(flag, type=Path, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
+    args, p = stage_args(__doc__, ("--data", "--weights", "--model", "--metrics", "--live"), argv)
     tp = p.train
     device = select_device(tp.device)
     check(tp, device)

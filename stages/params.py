@@ -223,6 +223,18 @@ def _range(lo, hi) -> str:
     return ""
 
 
+def stage_args(doc: str, path_flags: tuple[str, ...], argv=None):
+    """The command line every stage shares: its paths (from dvc.yaml) and --params. Returns (args, Params)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in path_flags:
+        ap.add_argument(flag, type=Path, required=True)
+    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    args = ap.parse_args(argv)
+    return args, load_params(args.params)
+
+
 def to_dict(params) -> dict:
     return dataclasses.asdict(params)
 

@@ -3,7 +3,6 @@
 python -m stages.prepare --raw data/raw --out data/prepared --report metrics/data.json
 Training then reads `train.pt` / `val.pt` and never decodes a JPEG per epoch.
 """
-import argparse
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +16,7 @@ from tqdm import tqdm
 from stages.fileio import StageError, atomic_path, log, run_main, sha256_file, write_json
 from stages.images import (BadImage, center_square, decode_rgb, resize_short_side, scan_imagefolder,
                            stratified_split, to_chw_uint8)
-from stages.params import load_params
+from stages.params import stage_args
 
 
 def process(raw: Path, path: Path, mask_path: Path | None, side: int, max_pixels: int):
@@ -42,13 +41,7 @@ def box_of(mask) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--raw", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--report", type=Path, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
+    args, p = stage_args(__doc__, ("--raw", "--out", "--report"), argv)
     if not (args.raw / "train").is_dir():
         raise StageError(f"{args.raw}: no train/ folder; expected an ImageFolder tree {args.raw}/train/<class>/<image> "
                          "(run `dvc repro download_data` or check data.source)")

@@ -11,7 +11,6 @@ the data has masks), 95% bootstrap intervals -> the metrics JSON and <out>/quali
 model-randomisation check -> <out>/randomization.csv and .png; the untuned vs the fine-tuned
 network on the same images -> <out>/before_after.png. The target is always the model's prediction.
 """
-import argparse
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from stages.figures import (chw_to_hwc, randomization_figure, saliency_figure, s
                             save_figure, scale_label)
 from stages.fileio import ParamsError, atomic_path, log, run_main, write_json
 from stages.model import initial_model, load_checkpoint
-from stages.params import load_params, select_device
+from stages.params import select_device, stage_args
 from stages.quality import bootstrap_ci, deletion_insertion_passes, default_layer_order, randomization_check
 
 LABELS = {"gradient": "gradient", "smoothgrad": "SmoothGrad", "integrated_gradients": "integrated gradients",
@@ -114,12 +113,7 @@ def summary(metrics: dict) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag in ("--data", "--model", "--weights", "--metrics", "--out"):
-        ap.add_argument(flag, type=Path, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
+    args, p = stage_args(__doc__, ("--data", "--model", "--weights", "--metrics", "--out"), argv)
     sp = p.saliency
     if not sp.methods:
         raise ParamsError(f"{args.params}: saliency.methods is empty; list at least one of: {', '.join(A.METHODS)}")
