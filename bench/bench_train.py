@@ -7,7 +7,8 @@
 (b) stages/training.py's train() with its defaults for the device (CPU: the tutorial's batch 4 in
     fp32; CUDA: batch 32 with the learning rate scaled linearly, bf16 autocast, channels_last).
 Both use the same prepared data, device, seed and epochs, for both scenarios (finetune and
-feature_extractor; the latter also with cached features, 25 epochs by default). Prints per-epoch
+feature_extractor with cached features, 25 epochs by default; --fe-uncached adds our
+augmented feature_extractor run). Prints per-epoch
 seconds (median of the epochs after the first), the ratio (a)/(b), val accuracy of both, peak RSS
 and, on CUDA, peak allocated memory. Needs torch, torchvision, pandas, pillow, pyyaml, tqdm; no DVC.
 Results are from random init unless --weights points at ImageNet weights.
@@ -120,6 +121,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", type=Path, help="ImageNet state_dict (default: random init)")
     ap.add_argument("--only", choices=("finetune", "feature_extractor"), help="run one scenario")
+    ap.add_argument("--fe-uncached", action="store_true", help="also time our feature_extractor with augmentation")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
     device = select_device(args.device)
@@ -131,14 +133,19 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     results = {"device": name, "torch": torch.__version__, "weights": str(args.weights or "random init"), "runs": {}}
-    plan = [("finetune", args.epochs, {}), ("feature_extractor", args.fe_epochs, {}),
+    plan = [("finetune", args.epochs, {}),
             ("feature_extractor", args.fe_epochs, {"augment": False, "cache_features": True})]
+    if args.fe_uncached:
+        plan.append(("feature_extractor", args.fe_epochs, {}))
+    tutorial = {}  # one tutorial run per (mode, epochs), compared with each of our variants
     for mode, epochs, extra in plan:
         if args.only and mode != args.only:
             continue
         label = mode + ("+cache_features" if extra else "")
         print(f"== {label}: {epochs} epochs on {name}", file=sys.stderr, flush=True)
-        a = tutorial_loop(args.prepared, mode, epochs, device, args.seed, weights)
+        if (mode, epochs) not in tutorial:
+            tutorial[mode, epochs] = tutorial_loop(args.prepared, mode, epochs, device, args.seed, weights)
+        a = tutorial[mode, epochs]
         b = ours(args.prepared, mode, epochs, device, args.seed, weights, **extra)
         row = {"epochs": epochs, "tutorial": a, "ours": b,
                "tutorial_epoch_s": per_epoch(a), "ours_epoch_s": per_epoch(b),
