@@ -3,7 +3,7 @@
 python -m stages.activations --data data/prepared --model models --metrics metrics/activations.json
     --out plots/activations [--params params.yaml]
 
-Writes plots/activations/<image-stem>/<layer>.png (the input, then the top activations.max_maps
+Writes plots/activations/grids/<image-stem>/<layer>.png (the input, then the top activations.max_maps
 maps of that layer by mean activation), plots/activations/sparsity.csv and sparsity.png (fraction
 of exact zeros and mean activation per layer over the whole val split) and the same numbers, with
 std, channels, height, width and dead channels, to the metrics JSON.
@@ -65,14 +65,14 @@ def main(argv=None):
                 proba = probabilities(model(x).float().cpu(), meta["loss"])
             shown = denormalize(x).cpu()
             for j, i in enumerate(range(start, start + len(x))):
-                (out / folders[i]).mkdir()
+                (out / "grids" / folders[i]).mkdir(parents=True)  # only images: one DVC image plot
                 truth, guess = classes[int(chosen.labels[i])], classes[int(proba[j].argmax())]
                 for layer, act in acts.items():
                     fig = grid_figure(act[j].cpu(), p.max_maps, chw_to_hwc(shown[j]), layer,
                                       title=f"{chosen.paths[i].split('/')[-1]}  (true: {truth}, predicted: {guess})",
                                       image_label=f"input {crop}x{crop} (centre crop)\n"
                                                   f"predicted {guess}, p={proba[j].max():.2f}")
-                    save_figure(fig, out / folders[i] / f"{layer}.png")
+                    save_figure(fig, out / "grids" / folders[i] / f"{layer}.png")
                     bar.update()
         bar.close()
 

@@ -3,13 +3,14 @@
 python -m stages.saliency --data data/prepared --model models --weights data/weights \
     --metrics metrics/saliency.json --out plots/saliency [--params params.yaml]
 
-Per method in saliency.methods: <out>/<method>/<image-stem>.png (input, |map| per channel,
-combined, overlay), <out>/<method>.png (all images in rows), <out>/<method>/attributions.npz (raw
+Per method in saliency.methods: <out>/figures/<method>/<image-stem>.png (input, |map| per channel,
+combined, overlay), <out>/figures/<method>.png (all images in rows), <out>/arrays/<method>.npz (raw
 maps, inputs, target, paths). Quality on saliency.quality_images val images, next to a random and
 a centre-prior map: deletion/insertion AUC, pointing game and mass inside the object mask (when
 the data has masks), 95% bootstrap intervals -> the metrics JSON and <out>/quality.csv. The
-model-randomisation check -> <out>/randomization.csv and .png; the untuned vs the fine-tuned
-network on the same images -> <out>/before_after.png. The target is always the model's prediction.
+model-randomisation check -> <out>/randomization.csv and figures/randomization.png; the untuned vs
+the fine-tuned network on the same images -> figures/before_after.png. The target is always the
+model's prediction.
 """
 import time
 from pathlib import Path
@@ -77,22 +78,25 @@ def before_after_figure(model, x, pred, prob, maps_of, images, titles, meta, wei
 
 
 def write_method(out: Path, name: str, maps, x, target, paths, images, titles, note: str, sp) -> None:
-    """<out>/<name>/attributions.npz (raw maps), one figure per image and <out>/<name>.png."""
-    (out / name).mkdir()
-    np.savez(out / name / "attributions.npz", maps=maps.numpy().astype(np.float32), target=target.numpy(),
+    """<out>/arrays/<name>.npz (raw maps), figures/<name>/<stem>.png per image and figures/<name>.png.
+
+    Figures and arrays live apart so figures/ holds only images: dvc.yaml declares it as one image plot."""
+    (out / "figures" / name).mkdir(parents=True)
+    (out / "arrays").mkdir(exist_ok=True)
+    np.savez(out / "arrays" / f"{name}.npz", maps=maps.numpy().astype(np.float32), target=target.numpy(),
              inputs=x.cpu().numpy().astype(np.float32), paths=np.array(paths))
     channels, combined = display_maps(maps, sp.normalize, sp.percentile)
     scale = scale_label(sp.normalize, sp.percentile)
     for i, stem in enumerate(stems(paths)):
         save_figure(saliency_figure(images[i], channels[i].numpy(), combined[i].numpy(),
                                     f"{LABELS[name]} ({describe(name, sp)})\n{titles[i]}",
-                                    LABELS[name], scale, map_note=note), out / name / f"{stem}.png")
+                                    LABELS[name], scale, map_note=note), out / "figures" / name / f"{stem}.png")
     columns = [(f"{LABELS[name]} map\n({note})", combined.numpy(), False, None),
                ("overlay (colour = salient)", combined.numpy(), True, None)]
     save_figure(saliency_rows_figure(images, columns, titles,
                                      f"{LABELS[name]} saliency for each image's predicted class\n"
                                      f"({describe(name, sp)})", scale),
-                out / f"{name}.png")
+                out / "figures" / f"{name}.png")
 
 
 def randomization_title(n: int, skipped: list[str]) -> str:
@@ -173,7 +177,7 @@ def main(argv=None):
                              "passes": {"forward": 0, "backward": 0}, "metric_passes": di_passes}
         if sp.before_after:
             save_figure(before_after_figure(model, x, pred, prob, maps_of, images, titles, meta, args.weights, p),
-                        out / "before_after.png")
+                        out / "figures" / "before_after.png")
         if curves:
             # one column per method, so DVC draws one line per method over the same steps
             first = next(iter(curves.values()))
@@ -182,7 +186,8 @@ def main(argv=None):
                 table[name] = [rho for _, rho in c]
             table.to_csv(out / "randomization.csv", index=False)
             curves_shown = {LABELS[k]: c for k, c in curves.items()}
-            save_figure(randomization_figure(curves_shown, randomization_title(nr, skipped)), out / "randomization.png")
+            save_figure(randomization_figure(curves_shown, randomization_title(nr, skipped)),
+                        out / "figures" / "randomization.png")
         rows = [(k, metric, v["mean"], v["low"], v["high"]) for k, m in metrics.items()
                 for metric, v in m.items() if isinstance(v, dict) and "low" in v]
         pd.DataFrame(rows, columns=["method", "metric", "mean", "low", "high"]).to_csv(out / "quality.csv", index=False)

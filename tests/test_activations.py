@@ -237,9 +237,10 @@ def test_stage_writes_grids_metrics_and_plot_data(project, tmp_path):
     # num_images 2 of 7: the first and the last val image (select_images spreads them evenly)
     for stem in ("a0", "b2"):
         for layer in LAYERS:
-            with Image.open(out / stem / f"{layer}.png") as im:
+            with Image.open(out / "grids" / stem / f"{layer}.png") as im:
                 assert im.format == "PNG" and im.width > 300
-    assert sorted(p.name for p in out.iterdir()) == ["a0", "b2", "sparsity.csv", "sparsity.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["grids", "sparsity.csv", "sparsity.png"]
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["a0", "b2"]
     assert not [p for p in tmp_path.rglob(".*.tmp")]  # atomic writes left no temporaries
 
     metrics = json.loads((tmp_path / "metrics" / "activations.json").read_text())
@@ -298,6 +299,6 @@ def test_stage_removes_its_hooks_and_names_colliding_images_apart(project, tmp_p
     stage.main(["--data", str(project["prepared"]), "--model", str(project["models"]),
                 "--metrics", str(tmp_path / "m.json"), "--out", str(out), "--params", str(params)])
     assert len(seen) == 1 and no_hooks(seen[0])
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["flat", "val_ants_same", "val_bees_same"]
-    assert sorted(p.name for p in (out / "flat").iterdir()) == ["layer4.png", "stem.png"]
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["flat", "val_ants_same", "val_bees_same"]
+    assert sorted(p.name for p in (out / "grids" / "flat").iterdir()) == ["layer4.png", "stem.png"]
     assert list(json.loads((tmp_path / "m.json").read_text())) == ["layer4", "stem"]

@@ -282,7 +282,10 @@ def test_plots_show_writes_one_page_with_every_declared_plot(plots_page):
         text = json.dumps(spec)
         assert json.dumps(cfg["x_label"]) in text and json.dumps(cfg["y_label"]) in text, plot_id
 
-    # the image plots: one <img> each, pointing at a copy of the workspace file
+    # the image plots (a declared folder stands for every PNG in it): one <img> each, a copy of the file
+    images = [f.relative_to(project).as_posix() for i in images
+              for f in (sorted((project / i).rglob("*.png")) if (project / i).is_dir() else [project / i])]
+    assert len(images) > 10  # the gallery, saliency figures and activation grids
     assert len(parsed.img_srcs) == len(images)
     for image in images:
         want = (project / image).read_bytes()
@@ -309,7 +312,7 @@ window.addEventListener('load', function () { setTimeout(function () {
 def test_plots_page_renders_in_headless_chromium(plots_page, tmp_path):
     """Loads the page in a real browser: every image must decode. The charts need Vega from
     cdn.jsdelivr.net (DVC's page template links it); they are checked only when that loads."""
-    _, out, declared = plots_page
+    project, out, declared = plots_page
     probe = out / "probe.html"
     probe.write_text((out / "index.html").read_text().replace("</body>", PROBE + "</body>"))
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -319,7 +322,8 @@ def test_plots_page_renders_in_headless_chromium(plots_page, tmp_path):
     found = re.search(r'<pre id="probe">([^<]*)</pre>', dom.stdout)
     assert found, f"the page did not finish loading in chromium:\n{dom.stderr[-2000:]}"
     result = json.loads(found.group(1).replace("&quot;", '"'))
-    n_images = sum(isinstance(p, str) for p in declared)
+    n_images = sum(len(list((project / p).rglob("*.png"))) if (project / p).is_dir() else 1
+                   for p in declared if isinstance(p, str))
     assert result["images"] == result["images_loaded"] == n_images, result
     if result["vega"]:
         assert result["charts"] >= sum(isinstance(p, dict) for p in declared), result

@@ -62,12 +62,14 @@ def test_every_declared_output_exists(full_run, project):
     out = full_run["out"]
     chosen = select_images(load_split(project["prepared"], "val"), [], SMALL["num_images"])
     for name in METHODS:
-        assert (out / f"{name}.png").stat().st_size > 0
-        assert (out / name / "attributions.npz").exists()
+        assert (out / "figures" / f"{name}.png").stat().st_size > 0
+        assert (out / "arrays" / f"{name}.npz").exists()
         for path in chosen.paths:
-            assert (out / name / (path.split("/")[-1].rsplit(".", 1)[0] + ".png")).stat().st_size > 0
-    for name in ("before_after.png", "randomization.png", "randomization.csv", "quality.csv"):
+            assert (out / "figures" / name / (path.split("/")[-1].rsplit(".", 1)[0] + ".png")).stat().st_size > 0
+    for name in ("figures/before_after.png", "figures/randomization.png", "randomization.csv", "quality.csv"):
         assert (out / name).stat().st_size > 0
+    # figures/ holds images only: dvc.yaml declares the folder as one image plot
+    assert {f.suffix for f in (out / "figures").rglob("*") if f.is_file()} == {".png"}
     assert "deletion AUC" in full_run["stderr"] and "center" in full_run["stderr"]
 
 
@@ -79,17 +81,17 @@ def test_npz_holds_raw_maps_equal_to_gradient_and_captum(full_run, project):
     x = eval_inputs(chosen.images, CROP)
     target = model(x).argmax(1)
     for name, channels in (("gradient", 3), ("smoothgrad", 3), ("integrated_gradients", 3), ("gradcam", 1)):
-        z = np.load(full_run["out"] / name / "attributions.npz")
+        z = np.load(full_run["out"] / "arrays" / f"{name}.npz")
         assert z["maps"].shape == (len(x), channels, CROP, CROP) and z["maps"].dtype == np.float32
         assert np.allclose(z["inputs"], x.numpy(), atol=1e-6)
         assert z["target"].tolist() == target.tolist()
         assert z["paths"].tolist() == chosen.paths
-    z = np.load(full_run["out"] / "gradient" / "attributions.npz")
+    z = np.load(full_run["out"] / "arrays" / "gradient.npz")
     inputs, tgt = torch.from_numpy(z["inputs"]), torch.from_numpy(z["target"])
     assert np.allclose(z["maps"], A.gradient(model, inputs, tgt).numpy(), atol=1e-6, rtol=0)
     oracle = Saliency(model).attribute(inputs.clone().requires_grad_(True), target=tgt, abs=True)
     assert np.allclose(z["maps"], oracle.detach().numpy(), atol=1e-6, rtol=0)
-    ig = np.load(full_run["out"] / "integrated_gradients" / "attributions.npz")["maps"]
+    ig = np.load(full_run["out"] / "arrays" / "integrated_gradients.npz")["maps"]
     assert (ig < 0).any()  # stored raw (signed); only the figures and metrics take abs
 
 
@@ -136,10 +138,10 @@ def test_explicit_image_list_is_explained_in_its_order(project, tmp_path):
         "normalize": "percentile", "percentile": 95.0}})
     run_main(stage.main, [str(a) for a in args(project, tmp_path, params)])  # in this process: no second start-up
     out = tmp_path / "plots" / "saliency"
-    z = np.load(out / "gradcam" / "attributions.npz")
+    z = np.load(out / "arrays" / "gradcam.npz")
     assert z["paths"].tolist() == chosen and z["maps"].shape == (2, 1, CROP, CROP)
-    assert sorted(p.name for p in (out / "gradcam").glob("*.png")) == ["002.png", "005.png"]
-    assert not (out / "before_after.png").exists() and not (out / "randomization.csv").exists()
+    assert sorted(p.name for p in (out / "figures" / "gradcam").glob("*.png")) == ["002.png", "005.png"]
+    assert not (out / "figures" / "before_after.png").exists() and not (out / "randomization.csv").exists()
 
 
 def run_cli(project, tmp_path, capsys, **saliency):
