@@ -275,9 +275,10 @@ def test_plots_show_writes_one_page_with_every_declared_plot(plots_page):
     assert set(specs) <= set(parsed.div_ids)
     for plot_id, cfg in charts.items():
         spec, rows = by_title[plot_id], by_title[plot_id]["data"]["values"]
-        for path, field in cfg["y"].items():
+        for path, fields in cfg["y"].items():
             assert (project / path).is_file(), path
-            assert any(field in row for row in rows), f"{plot_id}: no {field} values from {path}"
+            for field in [fields] if isinstance(fields, str) else fields:  # one column, or several
+                assert any(field in row for row in rows), f"{plot_id}: no {field} values from {path}"
         assert all(cfg["x"] in row for row in rows), f"{plot_id}: rows without x={cfg['x']}"
         text = json.dumps(spec)
         assert json.dumps(cfg["x_label"]) in text and json.dumps(cfg["y_label"]) in text, plot_id
