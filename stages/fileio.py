@@ -96,13 +96,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def save_torch(path: str | os.PathLike, obj) -> None:
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def load_torch(path: str | os.PathLike, what: str = "file"):
     """torch.load with weights_only=True (no pickled code runs) and a clear error."""
     import torch
