@@ -7,6 +7,7 @@ Runs scripts/demo.sh (unless --skip-demo), then inside demo/: `dvc repro` again 
 then every stage's command from dvc.yaml directly (so DVC's own overhead is not counted), each
 in its own process, measured with os.wait4. Prints a JSON report. Needs DVC (CPU machine).
 """
+
 import argparse
 import json
 import os
@@ -38,9 +39,15 @@ def main():
     ap.add_argument("--demo", type=Path, default=ROOT / "demo")
     ap.add_argument("--skip-demo", action="store_true", help="reuse an existing demo/ run")
     args = ap.parse_args()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "date": time.strftime("%Y-%m-%d")}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+    }
     if not args.skip_demo:
         report["make_demo_from_scratch"] = timed(["bash", str(ROOT / "scripts" / "demo.sh")], ROOT, env)
     report["noop_dvc_repro"] = timed(["dvc", "repro"], args.demo, env)
@@ -53,8 +60,11 @@ def main():
     saliency = args.demo / "metrics" / "saliency.json"
     if saliency.exists():
         s = json.loads(saliency.read_text())
-        report["saliency_seconds_per_image"] = {m: v["seconds_per_image"] for m, v in s.items()
-                                                if isinstance(v, dict) and "seconds_per_image" in v}
+        report["saliency_seconds_per_image"] = {
+            m: v["seconds_per_image"]
+            for m, v in s.items()
+            if isinstance(v, dict) and "seconds_per_image" in v
+        }
     print(json.dumps(report, indent=2))
 
 

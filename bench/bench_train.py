@@ -4,7 +4,7 @@
 
 (a) a faithful re-implementation of the PyTorch transfer-learning tutorial's loop: ImageFolder on
     the prepared JPEGs, PIL transforms every epoch, batch 4, num_workers=4, fp32, SGD + StepLR;
-(b) stages/training.py's train() with its defaults for the device (CPU: the tutorial's batch 4 in
+(b) cnnlens/training.py's train() with its defaults for the device (CPU: the tutorial's batch 4 in
     fp32; CUDA: batch 32 with the learning rate scaled linearly, bf16 autocast, channels_last).
 Both use the same prepared data, device, seed and epochs, for both scenarios (finetune and
 feature_extractor with cached features, 25 epochs by default; --fe-uncached adds our
@@ -13,6 +13,7 @@ seconds (median of the epochs after the first), the ratio (a)/(b), val accuracy 
 and, on CUDA, peak allocated memory. Needs torch, torchvision, pandas, pillow, pyyaml, tqdm; no DVC.
 Results are from random init unless --weights points at ImageNet weights.
 """
+
 import argparse
 import copy
 import dataclasses
@@ -31,10 +32,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.data import load_split  # noqa: E402
-from stages.model import build_model, load_backbone  # noqa: E402
-from stages.params import TrainParams, select_device  # noqa: E402
-from stages.training import configure, train  # noqa: E402
+from cnnlens.config import TrainParams, select_device  # noqa: E402
+from cnnlens.model import build_model, load_backbone  # noqa: E402
+from cnnlens.tensors import load_split  # noqa: E402
+from cnnlens.training import configure, train  # noqa: E402
 
 
 def tutorial_loop(data_dir: Path, mode: str, epochs: int, device, seed: int, weights) -> dict:
@@ -43,13 +44,29 @@ def tutorial_loop(data_dir: Path, mode: str, epochs: int, device, seed: int, wei
 
     torch.manual_seed(seed)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    tfs = {"train": transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-                                        transforms.ToTensor(), transforms.Normalize(mean, std)]),
-           "val": transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
-                                      transforms.ToTensor(), transforms.Normalize(mean, std)])}
+    tfs = {
+        "train": transforms.Compose(
+            [
+                transforms.RandomResizedCrop(224),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        ),
+        "val": transforms.Compose(
+            [
+                transforms.Resize(256),
+                transforms.CenterCrop(224),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        ),
+    }
     sets = {x: datasets.ImageFolder(data_dir / x, tfs[x]) for x in ("train", "val")}
-    loaders = {x: torch.utils.data.DataLoader(sets[x], batch_size=4, shuffle=True, num_workers=4)
-               for x in ("train", "val")}
+    loaders = {
+        x: torch.utils.data.DataLoader(sets[x], batch_size=4, shuffle=True, num_workers=4)
+        for x in ("train", "val")
+    }
     model = build_model("resnet18", 2)
     if weights is not None:
         load_backbone(model, weights, "weights")
@@ -102,8 +119,13 @@ def ours(prepared: Path, mode: str, epochs: int, device, seed: int, weights, **o
     start = time.perf_counter()
     history = train(model, load_split(prepared, "train"), load_split(prepared, "val"), tp, device, seed)
     total = time.perf_counter() - start
-    return {"epoch_seconds": [e["seconds"] for e in history.epochs], "best_val_acc": history.best_val_acc,
-            "total_seconds": total, "batch_size": tp.batch_size, "amp": tp.amp and device.type == "cuda"}
+    return {
+        "epoch_seconds": [e["seconds"] for e in history.epochs],
+        "best_val_acc": history.best_val_acc,
+        "total_seconds": total,
+        "batch_size": tp.batch_size,
+        "amp": tp.amp and device.type == "cuda",
+    }
 
 
 def per_epoch(result) -> float:
@@ -121,20 +143,45 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", type=Path, help="ImageNet state_dict (default: random init)")
     ap.add_argument("--only", choices=("finetune", "feature_extractor"), help="run one scenario")
-    ap.add_argument("--fe-uncached", action="store_true", help="also time our feature_extractor with augmentation")
+    ap.add_argument(
+        "--fe-uncached", action="store_true", help="also time our feature_extractor with augmentation"
+    )
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
     device = select_device(args.device)
     if not (args.prepared / "train.pt").exists():
         print(f"preparing {args.raw} -> {args.prepared}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "stages.prepare", "--raw", str(args.raw), "--out", str(args.prepared),
-                        "--report", str(args.prepared.parent / "data.json")], cwd=ROOT, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "stages.prepare",
+                "--raw",
+                str(args.raw),
+                "--out",
+                str(args.prepared),
+                "--report",
+                str(args.prepared.parent / "data.json"),
+            ],
+            cwd=ROOT,
+            check=True,
+        )
     weights = torch.load(args.weights, map_location="cpu", weights_only=True) if args.weights else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    results = {"device": name, "torch": torch.__version__, "weights": str(args.weights or "random init"), "runs": {}}
-    plan = [("finetune", args.epochs, {}),
-            ("feature_extractor", args.fe_epochs, {"augment": False, "cache_features": True})]
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    results = {
+        "device": name,
+        "torch": torch.__version__,
+        "weights": str(args.weights or "random init"),
+        "runs": {},
+    }
+    plan = [
+        ("finetune", args.epochs, {}),
+        ("feature_extractor", args.fe_epochs, {"augment": False, "cache_features": True}),
+    ]
     if args.fe_uncached:
         plan.append(("feature_extractor", args.fe_epochs, {}))
     tutorial = {}  # one tutorial run per (mode, epochs), compared with each of our variants
@@ -147,15 +194,23 @@ def main():
             tutorial[mode, epochs] = tutorial_loop(args.prepared, mode, epochs, device, args.seed, weights)
         a = tutorial[mode, epochs]
         b = ours(args.prepared, mode, epochs, device, args.seed, weights, **extra)
-        row = {"epochs": epochs, "tutorial": a, "ours": b,
-               "tutorial_epoch_s": per_epoch(a), "ours_epoch_s": per_epoch(b),
-               "epoch_ratio": per_epoch(a) / per_epoch(b),
-               "total_ratio": sum(a["epoch_seconds"]) / b["total_seconds"]}
+        row = {
+            "epochs": epochs,
+            "tutorial": a,
+            "ours": b,
+            "tutorial_epoch_s": per_epoch(a),
+            "ours_epoch_s": per_epoch(b),
+            "epoch_ratio": per_epoch(a) / per_epoch(b),
+            "total_ratio": sum(a["epoch_seconds"]) / b["total_seconds"],
+        }
         results["runs"][label] = row
-        print(f"{label:>30}: tutorial {row['tutorial_epoch_s']:.3f} s/epoch (acc {a['best_val_acc']:.4f}), "
-              f"ours {row['ours_epoch_s']:.3f} s/epoch (acc {b['best_val_acc']:.4f}); "
-              f"per-epoch ratio {row['epoch_ratio']:.1f}x, whole-run ratio {row['total_ratio']:.1f}x",
-              file=sys.stderr, flush=True)
+        print(
+            f"{label:>30}: tutorial {row['tutorial_epoch_s']:.3f} s/epoch (acc {a['best_val_acc']:.4f}), "
+            f"ours {row['ours_epoch_s']:.3f} s/epoch (acc {b['best_val_acc']:.4f}); "
+            f"per-epoch ratio {row['epoch_ratio']:.1f}x, whole-run ratio {row['total_ratio']:.1f}x",
+            file=sys.stderr,
+            flush=True,
+        )
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         results["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -13,7 +13,7 @@ git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' 
   [ -e "$f" ] && printf '%s\0' "$f"
 done | xargs -0 cp --parents -t "$demo"
 cd "$demo"
-python -m stages.params merge "$root/params.yaml" "$root/params-demo.yaml" -o params.yaml
+python -m cnnlens.config merge "$root/params.yaml" "$root/params-demo.yaml" -o params.yaml
 git init -q && git add -A && git -c user.name=demo -c user.email=demo@localhost commit -qm "demo" 
 start=$(date +%s)
 dvc repro

@@ -8,25 +8,20 @@ maps of that layer by mean activation), plots/activations/sparsity.csv and spars
 of exact zeros and mean activation per layer over the whole val split) and the same numbers, with
 std, channels, height, width and dead channels, to the metrics JSON.
 """
+
 from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from stages.data import denormalize, eval_inputs, load_split, select_images
-from stages.features import capture, layer_statistics, minmax_per_map, resolve_layers, top_maps
-from stages.figures import chw_to_hwc, feature_maps_figure, layer_stats_figure, save_figure
-from stages.fileio import StageError, atomic_path, log, run_main, write_json
-from stages.model import load_checkpoint
-from stages.params import select_device, stage_args
-from stages.training import probabilities
-
-
-def image_dirs(paths: list[str]) -> list[str]:
-    """One folder name per image: the file stem, or the whole path when two stems collide."""
-    stems = [Path(p).stem for p in paths]
-    return [s if stems.count(s) == 1 else p.replace("/", "_").rsplit(".", 1)[0] for s, p in zip(stems, paths)]
+from cnnlens.cli import StageError, log, run_main, stage_args
+from cnnlens.config import select_device
+from cnnlens.figures import chw_to_hwc, feature_maps_figure, layer_stats_figure, save_figure
+from cnnlens.files import atomic_path, unique_stems, write_json
+from cnnlens.hooks import capture, layer_statistics, resolve_layers, top_maps
+from cnnlens.model import load_checkpoint, probabilities
+from cnnlens.tensors import denormalize, eval_inputs, load_split, normalize_maps, select_images
 
 
 def grid_figure(act, max_maps: int, image, layer: str, title: str, image_label: str):
@@ -35,10 +30,77 @@ def grid_figure(act, max_maps: int, image, layer: str, title: str, image_label: 
     idx, means = top_maps(act, max_maps)
     labels = [f"#{r + 1}: channel {int(ch)}\nmean {m:.3g}" for r, (ch, m) in enumerate(zip(idx, means))]
     return feature_maps_figure(
-        image, minmax_per_map(act[idx]).numpy(), labels, image_label=image_label,
+        image,
+        normalize_maps(act[idx]).numpy(),
+        labels,
+        image_label=image_label,
         suptitle=f"{title}\nlayer {layer}: {c} feature maps of {h} x {w} pixels - top {len(idx)} of {c} maps by "
-                 "mean activation,\neach scaled to its own min-max (dark = lowest, bright = highest value in that "
-                 "map; not comparable across maps)")
+        "mean activation,\neach scaled to its own min-max (dark = lowest, bright = highest value in that "
+        "map; not comparable across maps)",
+    )
+
+
+def write_grids(out: Path, model, modules: dict, chosen, meta: dict, p, device) -> None:
+    """grids/<image>/<layer>.png for the chosen images, a batch at a time, every hook on."""
+    classes, crop = meta["classes"], meta["input_size"]
+    folders = unique_stems(chosen.paths)
+    bar = tqdm(
+        total=len(chosen) * len(modules), desc="activation grids", unit="grid", leave=False, disable=None
+    )
+    for start in range(0, len(chosen), p.batch_size):
+        x = eval_inputs(chosen.images[start : start + p.batch_size].to(device), crop)
+        with capture(modules) as acts, torch.no_grad():
+            proba = probabilities(model(x).float().cpu(), meta["loss"])
+        shown = denormalize(x).cpu()
+        for j, i in enumerate(range(start, start + len(x))):
+            (out / "grids" / folders[i]).mkdir(parents=True)  # only images: one DVC image plot
+            truth, guess = classes[int(chosen.labels[i])], classes[int(proba[j].argmax())]
+            for layer, act in acts.items():
+                fig = grid_figure(
+                    act[j].cpu(),
+                    p.max_maps,
+                    chw_to_hwc(shown[j]),
+                    layer,
+                    title=f"{chosen.paths[i].split('/')[-1]}  (true: {truth}, predicted: {guess})",
+                    image_label=f"input {crop}x{crop} (centre crop)\n"
+                    f"predicted {guess}, p={proba[j].max():.2f}",
+                )
+                save_figure(fig, out / "grids" / folders[i] / f"{layer}.png")
+                bar.update()
+    bar.close()
+
+
+def write_statistics(out: Path, model, modules: dict, val, meta: dict, p, device) -> dict:
+    """Per-layer statistics over the whole val split, batch by batch (all activations would not fit)."""
+    batches = (
+        eval_inputs(val.images[s : s + p.batch_size].to(device), meta["input_size"])
+        for s in tqdm(
+            range(0, len(val), p.batch_size),
+            desc="activation statistics",
+            unit="batch",
+            leave=False,
+            disable=None,
+        )
+    )
+    stats = layer_statistics(model, modules, batches)
+    table = pd.DataFrame(
+        {
+            "layer": list(stats),
+            "sparsity": [s["sparsity"] for s in stats.values()],
+            "mean": [s["mean"] for s in stats.values()],
+        }
+    )
+    table.to_csv(out / "sparsity.csv", index=False)
+    save_figure(
+        layer_stats_figure(
+            table["layer"].tolist(),
+            table["sparsity"].tolist(),
+            table["mean"].tolist(),
+            title=f"{meta['arch']} activations over {len(val)} val images",
+        ),
+        out / "sparsity.png",
+    )
+    return stats
 
 
 def main(argv=None):
@@ -47,51 +109,27 @@ def main(argv=None):
     device = select_device(p.device)
     model, meta = load_checkpoint(args.model)
     model.to(device)
-    classes, crop = meta["classes"], meta["input_size"]
-    modules = resolve_layers(model, p.layers, crop)
+    modules = resolve_layers(model, p.layers, meta["input_size"])
     val = load_split(args.data, "val")
     if len(val) == 0:
         raise StageError(f"{args.data}/val.pt holds no images; nothing to show (check the prepare stage)")
     chosen = select_images(val, list(dict.fromkeys(p.images)), p.num_images)
-
-    folders = image_dirs(chosen.paths)
     with atomic_path(args.out) as out:
         out.mkdir()
-        # The images shown as grids, a batch at a time, every hook on.
-        bar = tqdm(total=len(chosen) * len(modules), desc="activation grids", unit="grid", leave=False, disable=None)
-        for start in range(0, len(chosen), p.batch_size):
-            x = eval_inputs(chosen.images[start:start + p.batch_size].to(device), crop)
-            with capture(modules) as acts, torch.no_grad():
-                proba = probabilities(model(x).float().cpu(), meta["loss"])
-            shown = denormalize(x).cpu()
-            for j, i in enumerate(range(start, start + len(x))):
-                (out / "grids" / folders[i]).mkdir(parents=True)  # only images: one DVC image plot
-                truth, guess = classes[int(chosen.labels[i])], classes[int(proba[j].argmax())]
-                for layer, act in acts.items():
-                    fig = grid_figure(act[j].cpu(), p.max_maps, chw_to_hwc(shown[j]), layer,
-                                      title=f"{chosen.paths[i].split('/')[-1]}  (true: {truth}, predicted: {guess})",
-                                      image_label=f"input {crop}x{crop} (centre crop)\n"
-                                                  f"predicted {guess}, p={proba[j].max():.2f}")
-                    save_figure(fig, out / "grids" / folders[i] / f"{layer}.png")
-                    bar.update()
-        bar.close()
-
-        # Statistics over the whole val split, batch by batch (the activations of all images would not fit).
-        batches = (eval_inputs(val.images[s:s + p.batch_size].to(device), crop)
-                   for s in tqdm(range(0, len(val), p.batch_size), desc="activation statistics", unit="batch", leave=False, disable=None))
-        stats = layer_statistics(model, modules, batches)
-        table = pd.DataFrame({"layer": list(stats), "sparsity": [s["sparsity"] for s in stats.values()],
-                              "mean": [s["mean"] for s in stats.values()]})
-        table.to_csv(out / "sparsity.csv", index=False)
-        save_figure(layer_stats_figure(table["layer"].tolist(), table["sparsity"].tolist(), table["mean"].tolist(),
-                                       title=f"{meta['arch']} activations over {len(val)} val images"),
-                    out / "sparsity.png")
+        write_grids(out, model, modules, chosen, meta, p, device)
+        stats = write_statistics(out, model, modules, val, meta, p, device)
     write_json(args.metrics, stats)
     if not meta["arch"].startswith("resnet"):
-        log(f"note: {meta['arch']} blocks do not end in a ReLU; exact-zero sparsity is not comparable to a ResNet's")
-    log(f"activations: {len(chosen)} image(s) x {len(modules)} layer(s) -> {args.out}; over {len(val)} val images: "
-        + ", ".join(f"{n} {s['channels']}x{s['height']}x{s['width']} {s['sparsity']:.0%} zero, "
-                    f"mean {s['mean']:.3g}" for n, s in stats.items()))
+        log(
+            f"note: {meta['arch']} blocks do not end in a ReLU; exact-zero sparsity is not comparable to a ResNet's"
+        )
+    log(
+        f"activations: {len(chosen)} image(s) x {len(modules)} layer(s) -> {args.out}; over {len(val)} val images: "
+        + ", ".join(
+            f"{n} {s['channels']}x{s['height']}x{s['width']} {s['sparsity']:.0%} zero, mean {s['mean']:.3g}"
+            for n, s in stats.items()
+        )
+    )
 
 
 if __name__ == "__main__":

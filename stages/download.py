@@ -5,7 +5,7 @@
 
 data (params data.*): `source` is one of
   hymenoptera     the PyTorch tutorial's ants/bees zip (size checked; hash pinned by data.sha256)
-  synthetic       generated ants/bees-like images with object masks (stages/synthetic.py), offline
+  synthetic       generated ants/bees-like images with object masks (cnnlens/synthetic.py), offline
   http(s)://...   any zip holding an ImageFolder (verified against data.sha256 when set)
   path/to.zip     a local zip, hashed (and verified against data.sha256 when set)
   path/to/dir     a local ImageFolder directory (train/<class>/<image>), copied
@@ -18,6 +18,7 @@ Nothing is loaded here: the finetune stage loads weights.pth with weights_only=T
 
 Both outputs are written to a temporary folder and renamed into place only when complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.fetch import download, find_imagefolder_root, safe_extract_zip
-from stages.fileio import ParamsError, StageError, atomic_path, log, run_main, sha256_file, write_json
-from stages.params import load_params
+from cnnlens.cli import ParamsError, StageError, log, run_main
+from cnnlens.config import load_params
+from cnnlens.fetch import download, find_imagefolder_root, safe_extract_zip
+from cnnlens.files import atomic_path, sha256_file, write_json
 
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 HYMENOPTERA_BYTES = 47_286_322
@@ -50,10 +52,14 @@ ENV_HYMENOPTERA_URL = "HYMENOPTERA_URL"
 ENV_WEIGHTS_URL = "WEIGHTS_URL_OVERRIDE"
 ENV_WEIGHTS_SHA256 = "WEIGHTS_SHA256"
 
-DATA_HINT = ("To work offline: `make demo` uses synthetic data; or set data.source in params.yaml "
-             "to a local .zip or ImageFolder directory.")
-WEIGHTS_HINT = ("To work offline: set model.weights: none (random init, as `make demo` does) or "
-                "model.weights: path/to/state_dict.pth in params.yaml.")
+DATA_HINT = (
+    "To work offline: `make demo` uses synthetic data; or set data.source in params.yaml "
+    "to a local .zip or ImageFolder directory."
+)
+WEIGHTS_HINT = (
+    "To work offline: set model.weights: none (random init, as `make demo` does) or "
+    "model.weights: path/to/state_dict.pth in params.yaml."
+)
 IGNORED = shutil.ignore_patterns(".*", "__MACOSX")  # hidden files and macOS resource forks
 
 
@@ -80,46 +86,84 @@ def get_data(p, out: Path) -> None:
     if pinned is not None and not re.fullmatch(r"[0-9a-f]{64}", pinned):
         raise ParamsError(f"data.sha256 = {p.data.sha256!r} is not allowed; expected 64 hex digits or null")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp, \
-            tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work:
+    with (
+        atomic_path(out) as tmp,
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work,
+    ):
         tmp.mkdir()
-        work = Path(work)
         if source == "synthetic":
             info = write_synthetic(p, tmp)
         elif source == "hymenoptera" or source.startswith(("http://", "https://")):
-            if source == "hymenoptera":
-                url = os.environ.get(ENV_HYMENOPTERA_URL) or HYMENOPTERA_URL
-                size = HYMENOPTERA_BYTES if url == HYMENOPTERA_URL else None
-            else:
-                url, size = source, None
-            archive = work / "archive.zip"
-            got = download(url, archive, expected_size=size, expected_sha256=pinned, timeout=p.data.timeout,
-                           retries=p.data.retries, desc=Path(url).name or "archive", hint=DATA_HINT)
-            unpack(p, archive, work, tmp)
-            info = {"source": source, "url": url, "path": None, "bytes": got["bytes"], "sha256": got["sha256"],
-                    "sha256_pinned": pinned is not None}
+            info = get_url(p, pinned, Path(work), tmp)
         else:
-            path = Path(source)
-            if path.is_dir():
-                info = copy_imagefolder(path, out, tmp)
-            elif path.is_file() and path.suffix.lower() == ".zip":
-                digest = sha256_file(path)
-                if pinned is not None and digest != pinned:
-                    raise StageError(f"{path}: expected SHA-256 {pinned} (data.sha256), got {digest}; "
-                                     "the archive is not the pinned one. If it is trusted, update data.sha256.")
-                unpack(p, path, work, tmp)
-                info = {"source": source, "url": None, "path": str(path.resolve()), "bytes": path.stat().st_size,
-                        "sha256": digest, "sha256_pinned": pinned is not None}
-            else:
-                raise ParamsError(f"data.source = {source!r} is not allowed: not hymenoptera or synthetic, not an "
-                                  "http(s) URL, and no such local .zip file or directory "
-                                  f"(relative paths start at {Path.cwd()})")
+            info = get_local(p, pinned, out, Path(work), tmp)
         write_json(tmp / "SOURCE.json", info)
         summary = count_images(tmp)
     log(f"{out}: {summary} (source: {source})")
     if info.get("sha256") and pinned is None:
-        log(f"data.sha256 is not set; recorded sha256 {info['sha256']} in {out / 'SOURCE.json'}. "
-            f"To pin this archive, set `sha256: {info['sha256']}` under data: in params.yaml.")
+        log(
+            f"data.sha256 is not set; recorded sha256 {info['sha256']} in {out / 'SOURCE.json'}. "
+            f"To pin this archive, set `sha256: {info['sha256']}` under data: in params.yaml."
+        )
+
+
+def get_url(p, pinned: str | None, work: Path, tmp: Path) -> dict:
+    """The hymenoptera zip or any http(s) zip: download, verify, unpack into `tmp`."""
+    source = p.data.source
+    if source == "hymenoptera":
+        url = os.environ.get(ENV_HYMENOPTERA_URL) or HYMENOPTERA_URL
+        size = HYMENOPTERA_BYTES if url == HYMENOPTERA_URL else None
+    else:
+        url, size = source, None
+    archive = work / "archive.zip"
+    got = download(
+        url,
+        archive,
+        expected_size=size,
+        expected_sha256=pinned,
+        timeout=p.data.timeout,
+        retries=p.data.retries,
+        desc=Path(url).name or "archive",
+        hint=DATA_HINT,
+    )
+    unpack(p, archive, work, tmp)
+    return {
+        "source": source,
+        "url": url,
+        "path": None,
+        "bytes": got["bytes"],
+        "sha256": got["sha256"],
+        "sha256_pinned": pinned is not None,
+    }
+
+
+def get_local(p, pinned: str | None, out: Path, work: Path, tmp: Path) -> dict:
+    """A local ImageFolder directory or .zip, copied or unpacked into `tmp`."""
+    source = p.data.source
+    path = Path(source)
+    if path.is_dir():
+        return copy_imagefolder(path, out, tmp)
+    if not (path.is_file() and path.suffix.lower() == ".zip"):
+        raise ParamsError(
+            f"data.source = {source!r} is not allowed: not hymenoptera or synthetic, not an "
+            "http(s) URL, and no such local .zip file or directory "
+            f"(relative paths start at {Path.cwd()})"
+        )
+    digest = sha256_file(path)
+    if pinned is not None and digest != pinned:
+        raise StageError(
+            f"{path}: expected SHA-256 {pinned} (data.sha256), got {digest}; "
+            "the archive is not the pinned one. If it is trusted, update data.sha256."
+        )
+    unpack(p, path, work, tmp)
+    return {
+        "source": source,
+        "url": None,
+        "path": str(path.resolve()),
+        "bytes": path.stat().st_size,
+        "sha256": digest,
+        "sha256_pinned": pinned is not None,
+    }
 
 
 def unpack(p, archive: Path, work: Path, tmp: Path) -> None:
@@ -134,8 +178,10 @@ def unpack(p, archive: Path, work: Path, tmp: Path) -> None:
 def copy_imagefolder(path: Path, out: Path, tmp: Path) -> dict:
     src, dst = path.resolve(), out.resolve()
     if src == dst or dst in src.parents or src in dst.parents:
-        raise ParamsError(f"data.source = {str(path)!r} overlaps the output folder {out}; "
-                          "point it at an ImageFolder directory elsewhere")
+        raise ParamsError(
+            f"data.source = {str(path)!r} overlaps the output folder {out}; "
+            "point it at an ImageFolder directory elsewhere"
+        )
     root = find_imagefolder_root(src)
     shutil.copytree(root, tmp, symlinks=False, ignore=IGNORED, dirs_exist_ok=True)
     # A directory has no single hash; a hash over the sorted (path, file hash) list identifies its content.
@@ -143,27 +189,31 @@ def copy_imagefolder(path: Path, out: Path, tmp: Path) -> dict:
     tree = hashlib.sha256()
     for f in files:
         tree.update(f"{sha256_file(f)}  {f.relative_to(tmp).as_posix()}\n".encode())
-    return {"source": "local_dir", "url": None, "path": str(root), "bytes": sum(f.stat().st_size for f in files),
-            "sha256": None, "tree_sha256": tree.hexdigest(), "files": len(files)}
+    return {
+        "source": "local_dir",
+        "url": None,
+        "path": str(root),
+        "bytes": sum(f.stat().st_size for f in files),
+        "sha256": None,
+        "tree_sha256": tree.hexdigest(),
+        "files": len(files),
+    }
 
 
 def write_synthetic(p, tmp: Path) -> dict:
-    try:
-        from stages import synthetic  # imported only here: the other sources need neither it nor numpy
-    except ModuleNotFoundError as exc:
-        if exc.name != "stages.synthetic":
-            raise
-        raise StageError("data.source = synthetic needs stages/synthetic.py, which is missing; "
-                         "restore it from git or use another data.source") from None
-    import numpy as np
+    import numpy as np  # imported only here: the other sources need neither numpy nor the generator
     from PIL import Image
+
+    from cnnlens import synthetic
 
     s = p.data.synthetic
     counts = synthetic.counts_from_params(s)
     total = sum(n for per_class in counts.values() for n in per_class.values())
     rows = []
     samples = synthetic.generate(counts, s.image_size, p.seed)
-    for sample in tqdm(samples, total=total, desc="synthetic", unit="img", file=sys.stderr, leave=False, disable=None):
+    for sample in tqdm(
+        samples, total=total, desc="synthetic", unit="img", file=sys.stderr, leave=False, disable=None
+    ):
         rel = f"{sample.split}/{sample.class_name}/{sample.index:04d}.png"
         mask_rel = f"masks/{rel}"
         for name in (rel, mask_rel):
@@ -178,8 +228,16 @@ def write_synthetic(p, tmp: Path) -> dict:
         writer.writerows(rows)
     if p.data.sha256:
         log("note: data.sha256 is ignored for data.source = synthetic")
-    return {"source": "synthetic", "url": None, "path": None, "bytes": None, "sha256": None,
-            "seed": p.seed, "synthetic": dataclasses.asdict(s), "images": len(rows)}
+    return {
+        "source": "synthetic",
+        "url": None,
+        "path": None,
+        "bytes": None,
+        "sha256": None,
+        "seed": p.seed,
+        "synthetic": dataclasses.asdict(s),
+        "images": len(rows),
+    }
 
 
 def count_images(root: Path) -> str:
@@ -205,13 +263,17 @@ def imagenet_weights(arch: str) -> tuple[str, int | None, str]:
     try:
         url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
     except (ValueError, AttributeError) as exc:
-        raise ParamsError(f"model.arch = {arch!r} has no IMAGENET1K_V1 weights in torchvision "
-                          f"{torchvision.__version__} ({exc}); use model.weights: none or a local file") from None
+        raise ParamsError(
+            f"model.arch = {arch!r} has no IMAGENET1K_V1 weights in torchvision "
+            f"{torchvision.__version__} ({exc}); use model.weights: none or a local file"
+        ) from None
     # torchvision names its files <name>-<first hex digits of the SHA-256>.pth (torch.hub checks the same)
     match = re.search(r"-([a-f0-9]{8,})\.", url.rsplit("/", 1)[-1])
     if not match:
-        raise StageError(f"{url}: no hash prefix in the file name; cannot verify it. "
-                         "Download it yourself and set model.weights to its path.")
+        raise StageError(
+            f"{url}: no hash prefix in the file name; cannot verify it. "
+            "Download it yourself and set model.weights to its path."
+        )
     return url, None, match.group(1)
 
 
@@ -226,20 +288,45 @@ def get_weights(p, out: Path) -> None:
             if os.environ.get(ENV_WEIGHTS_URL):
                 url, size, sha = os.environ[ENV_WEIGHTS_URL], None, os.environ.get(ENV_WEIGHTS_SHA256) or None
                 log(f"note: {ENV_WEIGHTS_URL} is set: fetching {url}" + ("" if sha else " unverified"))
-            got = download(url, tmp / "weights.pth", expected_size=size, expected_sha256=sha,
-                           timeout=p.data.timeout, retries=p.data.retries, desc=f"{arch} weights",
-                           hint=WEIGHTS_HINT)
-            info = {"source": choice, "url": url, "arch": arch, "bytes": got["bytes"], "sha256": got["sha256"]}
+            got = download(
+                url,
+                tmp / "weights.pth",
+                expected_size=size,
+                expected_sha256=sha,
+                timeout=p.data.timeout,
+                retries=p.data.retries,
+                desc=f"{arch} weights",
+                hint=WEIGHTS_HINT,
+            )
+            info = {
+                "source": choice,
+                "url": url,
+                "arch": arch,
+                "bytes": got["bytes"],
+                "sha256": got["sha256"],
+            }
         else:
             path = Path(choice)
             if not path.is_file():
-                raise ParamsError(f"model.weights = {choice!r} is not allowed: not IMAGENET1K_V1 or none, and no "
-                                  f"such file (relative paths start at {Path.cwd()}); expected a state_dict .pth")
+                raise ParamsError(
+                    f"model.weights = {choice!r} is not allowed: not IMAGENET1K_V1 or none, and no "
+                    f"such file (relative paths start at {Path.cwd()}); expected a state_dict .pth"
+                )
             shutil.copyfile(path, tmp / "weights.pth")
-            info = {"source": "local", "url": None, "path": str(path.resolve()), "arch": arch,
-                    "bytes": (tmp / "weights.pth").stat().st_size, "sha256": sha256_file(tmp / "weights.pth")}
+            info = {
+                "source": "local",
+                "url": None,
+                "path": str(path.resolve()),
+                "arch": arch,
+                "bytes": (tmp / "weights.pth").stat().st_size,
+                "sha256": sha256_file(tmp / "weights.pth"),
+            }
         write_json(tmp / "weights.json", info)
-    what = "no weights (random init)" if info["source"] == "none" else f"{info['bytes']} bytes, sha256 {info['sha256']}"
+    what = (
+        "no weights (random init)"
+        if info["source"] == "none"
+        else f"{info['bytes']} bytes, sha256 {info['sha256']}"
+    )
     log(f"{out}: {arch} {choice}: {what}")
 
 

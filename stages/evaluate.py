@@ -6,20 +6,20 @@ python -m stages.evaluate --data data/prepared --model models --metrics metrics/
 import numpy as np
 import pandas as pd
 
-from stages.data import center_crop, load_split
-from stages.figures import chw_to_hwc, image_grid, save_figure
-from stages.fileio import atomic_path, log, run_main, write_json
-from stages.model import load_checkpoint
-from stages.params import select_device, stage_args
-from stages.scoring import (classification_metrics, confusion, pr_points, reliability_table,
-                            roc_points)
-from stages.training import predict_logits, probabilities
+from cnnlens.cli import log, run_main, stage_args
+from cnnlens.config import select_device
+from cnnlens.figures import chw_to_hwc, image_grid, save_figure
+from cnnlens.files import atomic_path, write_json
+from cnnlens.metrics import classification_metrics, confusion, pr_points, reliability_table, roc_points
+from cnnlens.model import load_checkpoint, predict_logits, probabilities
+from cnnlens.tensors import center_crop, load_split
 
 
 def predictions_table(paths, y_true, proba, classes) -> pd.DataFrame:
     y_pred = proba.argmax(1)
-    table = pd.DataFrame({"path": paths, "true": [classes[i] for i in y_true],
-                          "predicted": [classes[i] for i in y_pred]})
+    table = pd.DataFrame(
+        {"path": paths, "true": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]}
+    )
     for i, name in enumerate(classes):
         table[f"p_{name}"] = proba[:, i].round(6)
     table["correct"] = y_true == y_pred
@@ -43,27 +43,40 @@ def main(argv=None):
 
     wrong = np.flatnonzero(y_pred != y_true)[: p.evaluate.gallery_max]
     crops = center_crop(val.images[wrong], meta["input_size"]).float() / 255
-    gallery = image_grid([chw_to_hwc(c) for c in crops],
-                         [f"{val.paths[i].split('/')[-1][:18]}\ntrue {classes[y_true[i]]}, "
-                          f"pred {classes[y_pred[i]]} ({proba[i, y_pred[i]]:.2f})" for i in wrong],
-                         suptitle=f"Misclassified val images: {int((y_pred != y_true).sum())} of {len(y_true)}"
-                                  + (f" (first {len(wrong)} shown)" if len(wrong) < (y_pred != y_true).sum() else ""))
+    gallery = image_grid(
+        [chw_to_hwc(c) for c in crops],
+        [
+            f"{val.paths[i].split('/')[-1][:18]}\ntrue {classes[y_true[i]]}, "
+            f"pred {classes[y_pred[i]]} ({proba[i, y_pred[i]]:.2f})"
+            for i in wrong
+        ],
+        suptitle=f"Misclassified val images: {int((y_pred != y_true).sum())} of {len(y_true)}"
+        + (f" (first {len(wrong)} shown)" if len(wrong) < (y_pred != y_true).sum() else ""),
+    )
 
     cm = confusion(y_true, y_pred, len(classes))
     with atomic_path(args.plots) as out:
         out.mkdir()
-        table[["path", "true", "predicted"]].rename(columns={"true": "actual"}).to_csv(out / "confusion.csv", index=False)
+        table[["path", "true", "predicted"]].rename(columns={"true": "actual"}).to_csv(
+            out / "confusion.csv", index=False
+        )
         table.to_csv(out / "predictions.csv", index=False)
         pd.DataFrame(roc_points(y_true, proba)).to_csv(out / "roc.csv", index=False)
         pd.DataFrame(pr_points(y_true, proba)).to_csv(out / "precision_recall.csv", index=False)
-        bins = [row for row in reliability_table(y_true, proba, p.evaluate.ece_bins) if row["count"]]  # no empty bins
+        bins = [
+            row for row in reliability_table(y_true, proba, p.evaluate.ece_bins) if row["count"]
+        ]  # no empty bins
         pd.DataFrame(bins).to_csv(out / "reliability.csv", index=False)
         save_figure(gallery, out / "misclassified.png")
     write_json(args.metrics, scores)
-    log(f"evaluate: accuracy {scores['accuracy']:.4f}, balanced {scores['balanced_accuracy']:.4f}, "
+    log(
+        f"evaluate: accuracy {scores['accuracy']:.4f}, balanced {scores['balanced_accuracy']:.4f}, "
         f"AUC {scores['roc_auc'] if scores['roc_auc'] is None else round(scores['roc_auc'], 4)}, "
         f"ECE {scores['ece']:.4f} on {len(y_true)} val images\n"
-        + "\n".join(f"  true {classes[i]:>10}: " + " ".join(f"{v:5d}" for v in row) for i, row in enumerate(cm)))
+        + "\n".join(
+            f"  true {classes[i]:>10}: " + " ".join(f"{v:5d}" for v in row) for i, row in enumerate(cm)
+        )
+    )
 
 
 if __name__ == "__main__":

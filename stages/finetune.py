@@ -3,6 +3,7 @@
 python -m stages.finetune --data data/prepared --weights data/weights --model models \
     --metrics metrics/train.json --live plots/train
 """
+
 import hashlib
 import json
 import os
@@ -10,17 +11,20 @@ import platform
 
 import torch
 
-from stages.data import MEAN, STD, load_classes, load_split
-from stages.fileio import ParamsError, atomic_path, log, run_main, write_json
-from stages.model import initial_model, save_checkpoint
-from stages.params import select_device, stage_args, to_dict
-from stages.training import History, configure, train
+from cnnlens.cli import ParamsError, log, run_main, stage_args
+from cnnlens.config import select_device, to_dict
+from cnnlens.files import atomic_path, write_json
+from cnnlens.model import initial_model, save_checkpoint
+from cnnlens.tensors import MEAN, STD, load_classes, load_split
+from cnnlens.training import History, configure, train
 
 
 def check(tp, device):
     if tp.cache_features and (tp.mode != "feature_extractor" or tp.augment):
-        raise ParamsError("train.cache_features: true needs train.mode: feature_extractor and train.augment: false "
-                          "(cached features cannot be augmented)")
+        raise ParamsError(
+            "train.cache_features: true needs train.mode: feature_extractor and train.augment: false "
+            "(cached features cannot be augmented)"
+        )
     if tp.deterministic and device.type == "cuda":
         # cuBLAS needs a fixed workspace for deterministic matmuls; set before the first CUDA call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -43,13 +47,16 @@ def main(argv=None):
     classes = load_classes(args.data)
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
     model, weights_info = initial_model(p.model.arch, len(classes), args.weights)
-    log(f"finetune: {p.model.arch} ({weights_info.get('source')} weights), {tp.mode}, loss={tp.loss}, "
-        f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}")
+    log(
+        f"finetune: {p.model.arch} ({weights_info.get('source')} weights), {tp.mode}, loss={tp.loss}, "
+        f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}"
+    )
 
     from dvclive import Live  # imported here: dvclive is slow to import and only main() logs
 
     with atomic_path(args.live) as live_dir:
         with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+
             def on_epoch(row):
                 for key, value in row.items():
                     if key != "epoch":
@@ -58,23 +65,38 @@ def main(argv=None):
 
             history = train(model, train_split, val_split, tp, device, p.seed, on_epoch)
         model.load_state_dict(history.best_state)
-        meta = {"arch": p.model.arch, "classes": classes, "mean": MEAN, "std": STD, "input_size": tp.crop,
-                "resize": int(train_split.images.shape[-1]), "loss": tp.loss, "mode": tp.mode,
-                "weights_source": weights_info.get("source"), "weights_sha256": weights_info.get("sha256"),
-                "best_epoch": history.best_epoch, "params_digest": params_digest(p)}
+        meta = {
+            "arch": p.model.arch,
+            "classes": classes,
+            "mean": MEAN,
+            "std": STD,
+            "input_size": tp.crop,
+            "resize": int(train_split.images.shape[-1]),
+            "loss": tp.loss,
+            "mode": tp.mode,
+            "weights_source": weights_info.get("source"),
+            "weights_sha256": weights_info.get("sha256"),
+            "best_epoch": history.best_epoch,
+            "params_digest": params_digest(p),
+        }
         save_checkpoint(args.model, model, meta)
     write_json(args.metrics, summary(history, device))
-    log(f"finetune: best val_acc {history.best_val_acc:.4f} at epoch {history.best_epoch}, "
-        f"{history.train_seconds:.1f} s, {history.images_seen / history.train_seconds:.0f} img/s -> {args.model}")
+    log(
+        f"finetune: best val_acc {history.best_val_acc:.4f} at epoch {history.best_epoch}, "
+        f"{history.train_seconds:.1f} s, {history.images_seen / history.train_seconds:.0f} img/s -> {args.model}"
+    )
 
 
 def summary(h: History, device) -> dict:
     last = h.epochs[-1]
-    return {"best_val_acc": h.best_val_acc, "best_epoch": h.best_epoch,
-            "last_epoch": {k: last[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
-            "total_seconds": round(h.train_seconds, 3),
-            "images_per_second": round(h.images_seen / max(h.train_seconds, 1e-9), 2),
-            "device": device_name(device)}
+    return {
+        "best_val_acc": h.best_val_acc,
+        "best_epoch": h.best_epoch,
+        "last_epoch": {k: last[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
+        "total_seconds": round(h.train_seconds, 3),
+        "images_per_second": round(h.images_seen / max(h.train_seconds, 1e-9), 2),
+        "device": device_name(device),
+    }
 
 
 def params_digest(p) -> str:

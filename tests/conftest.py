@@ -1,4 +1,5 @@
 """Shared test helpers: the repo root, running a stage as a user would, tiny prepared data."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "hymenoptera_data"
 needs_real_data = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(), reason=f"real hymenoptera data not found at {SHARED_DATA} (CI has it)")
+    not SHARED_DATA.is_dir(), reason=f"real hymenoptera data not found at {SHARED_DATA} (CI has it)"
+)
 
 # git commits inside temporary clones need an identity; never touch the user's config
 os.environ.setdefault("GIT_AUTHOR_NAME", "test")
@@ -25,23 +27,31 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 def run_stage(module: str, *args, cwd=ROOT, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """`python -m stages.<module> args...` as DVC would run it; returns the finished process."""
+    """`python -m stages.<module> args...` as DVC would run it (a dotted name runs that module);
+    returns the finished process."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", f"stages.{module}", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module if "." in module else f"stages.{module}", *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_params(path: Path, overrides: dict | None = None) -> Path:
     """A params file: the project's params.yaml with `overrides` merged in."""
-    from stages.params import merge
+    from cnnlens.config import merge
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     path.write_text(yaml.safe_dump(merge(base, overrides or {}), sort_keys=False))
     return path
 
 
-def make_prepared(root: Path, n_train=16, n_val=8, size=40, classes=("ants", "bees"), seed=0,
-                  masks=False, separable=True) -> Path:
+def make_prepared(
+    root: Path, n_train=16, n_val=8, size=40, classes=("ants", "bees"), seed=0, masks=False, separable=True
+) -> Path:
     """A prepared dir per the contract: class 0 dark images, class 1 bright (trivially separable)."""
     g = torch.Generator().manual_seed(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -49,11 +59,14 @@ def make_prepared(root: Path, n_train=16, n_val=8, size=40, classes=("ants", "be
         labels = torch.arange(n) % len(classes)
         noise = torch.randint(0, 60, (n, 3, size, size), generator=g)
         base = (labels * 150).view(n, 1, 1, 1) if separable else torch.zeros(n, 1, 1, 1, dtype=torch.long)
-        blob = {"images": (noise + base).clamp(0, 255).to(torch.uint8), "labels": labels,
-                "paths": [f"{split}/{classes[int(c)]}/{i:03d}.png" for i, c in enumerate(labels)]}
+        blob = {
+            "images": (noise + base).clamp(0, 255).to(torch.uint8),
+            "labels": labels,
+            "paths": [f"{split}/{classes[int(c)]}/{i:03d}.png" for i, c in enumerate(labels)],
+        }
         if masks:
             m = torch.zeros(n, size, size, dtype=torch.uint8)
-            m[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+            m[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
             blob["masks"] = m
         torch.save(blob, root / f"{split}.pt")
     (root / "classes.json").write_text(json.dumps(list(classes)))
@@ -62,13 +75,22 @@ def make_prepared(root: Path, n_train=16, n_val=8, size=40, classes=("ants", "be
 
 def make_weights_dir(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "weights.json").write_text(json.dumps({"source": "none", "url": None, "arch": "resnet18",
-                                                   "bytes": None, "sha256": None}))
+    (root / "weights.json").write_text(
+        json.dumps({"source": "none", "url": None, "arch": "resnet18", "bytes": None, "sha256": None})
+    )
     return root
 
 
-TINY_TRAIN = {"epochs": 3, "batch_size": 8, "lr": 0.05, "crop": 32, "min_scale": 0.5, "device": "cpu",
-              "step_size": 2, "threads": 1}
+TINY_TRAIN = {
+    "epochs": 3,
+    "batch_size": 8,
+    "lr": 0.05,
+    "crop": 32,
+    "min_scale": 0.5,
+    "device": "cpu",
+    "step_size": 2,
+    "threads": 1,
+}
 
 
 @pytest.fixture(scope="module")

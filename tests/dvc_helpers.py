@@ -5,6 +5,7 @@ applies TINY params, commits, runs `dvc repro` once per test session; each test 
 own `copy_project()` of that finished project (with .git and .dvc/cache), so the expensive run
 happens once however many tests (or test files) use it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,15 +28,25 @@ VENV_BIN = Path(sys.executable).parent
 # Tiny synthetic pipeline: every stage runs, in seconds. Counts/sizes are the smallest that keep
 # every stage meaningful (both classes in train and val, crop < resize < image size).
 TINY = {
-    "data": {"source": "synthetic",
-             "synthetic": {"image_size": 48, "train_ants": 12, "train_bees": 12, "val_ants": 8, "val_bees": 8}},
+    "data": {
+        "source": "synthetic",
+        "synthetic": {"image_size": 48, "train_ants": 12, "train_bees": 12, "val_ants": 8, "val_bees": 8},
+    },
     "model": {"weights": "none"},
     "prepare": {"resize": 40},
     "train": {"epochs": 3, "batch_size": 8, "crop": 32, "min_scale": 0.5, "device": "cpu", "threads": 1},
     "evaluate": {"gallery_max": 4},
-    "saliency": {"num_images": 2, "quality_images": 4, "smoothgrad_samples": 2, "ig_steps": 4,
-                 "quality_steps": 4, "bootstrap": 50, "methods": ["gradient", "gradcam"], "batch_size": 4,
-                 "device": "cpu"},
+    "saliency": {
+        "num_images": 2,
+        "quality_images": 4,
+        "smoothgrad_samples": 2,
+        "ig_steps": 4,
+        "quality_steps": 4,
+        "bootstrap": 50,
+        "methods": ["gradient", "gradcam"],
+        "batch_size": 4,
+        "device": "cpu",
+    },
     "activations": {"num_images": 1, "max_maps": 8, "device": "cpu"},
 }
 
@@ -51,7 +62,9 @@ def dvc_yaml_stages(project: Path = ROOT) -> list[str]:
 def metrics_files(project: Path = ROOT) -> list[str]:
     """The metrics files dvc.yaml declares (all `cache: false`, i.e. kept in git)."""
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    return [next(iter(m)) if isinstance(m, dict) else m for s in stages.values() for m in s.get("metrics", [])]
+    return [
+        next(iter(m)) if isinstance(m, dict) else m for s in stages.values() for m in s.get("metrics", [])
+    ]
 
 
 def dvc_env(**extra) -> dict:
@@ -92,15 +105,25 @@ def _isolation_dir() -> Path:
     return scratch
 
 
-def sh(cwd: Path, *cmd, check: bool = True, timeout: float = 600, env: dict | None = None,
-       merge: bool = True) -> subprocess.CompletedProcess:
+def sh(
+    cwd: Path, *cmd, check: bool = True, timeout: float = 600, env: dict | None = None, merge: bool = True
+) -> subprocess.CompletedProcess:
     """Run a command. merge: stdout and stderr together in `.stdout`, in order (DVC logs info to
     stdout and warnings/errors to stderr); otherwise apart (for --json output)."""
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or dvc_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env or dvc_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"`{' '.join(map(str, cmd))}` in {cwd} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-6000:]}{proc.stderr[-3000:] if proc.stderr else ''}")
+        raise AssertionError(
+            f"`{' '.join(map(str, cmd))}` in {cwd} exited {proc.returncode}:\n"
+            f"{proc.stdout[-6000:]}{proc.stderr[-3000:] if proc.stderr else ''}"
+        )
     return proc
 
 
@@ -119,14 +142,25 @@ def git(cwd: Path, *args, **kw) -> subprocess.CompletedProcess:
 
 def stage_report(output: str) -> dict[str, set[str]]:
     """What `dvc repro`/`dvc exp run` says it did with each stage."""
-    return {"ran": set(_RAN.findall(output)), "skipped": set(_SKIPPED.findall(output)),
-            "restored": set(_RESTORED.findall(output))}
+    return {
+        "ran": set(_RAN.findall(output)),
+        "skipped": set(_SKIPPED.findall(output)),
+        "restored": set(_RESTORED.findall(output)),
+    }
 
 
 def scratch_tree(dst: Path) -> Path:
     """Copy the working tree's tracked and untracked-not-ignored files that exist (as scripts/demo.sh)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     dst.mkdir(parents=True)
     for rel in filter(None, listed):
         src = ROOT / rel
@@ -140,7 +174,7 @@ def write_tiny_params(project: Path, overrides: dict = TINY) -> None:
     """params.yaml = the project's params.yaml + `overrides`, through the same CLI `make demo` uses."""
     over = project.parent / f"{project.name}-overrides.yaml"
     over.write_text(yaml.safe_dump(overrides, sort_keys=False))
-    sh(project, "python", "-m", "stages.params", "merge", "params.yaml", over, "-o", "params.yaml")
+    sh(project, "python", "-m", "cnnlens.config", "merge", "params.yaml", over, "-o", "params.yaml")
 
 
 def set_params(project: Path, **dotted) -> None:

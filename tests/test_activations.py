@@ -1,9 +1,10 @@
-"""stages/features.py and the activations stage, against a reference forward pass and hand-made tensors.
+"""cnnlens/hooks.py and the activations stage, against a reference forward pass and hand-made tensors.
 
 The reference for every hooked activation runs the ResNet's children one by one
 (conv1 -> bn1 -> relu -> maxpool = stem, then layer1..layer4), the same operations in the same
 order as ResNet.forward, so hooked and reference tensors must be bitwise equal.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,23 +18,30 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import randomize_batchnorm
 from PIL import Image
 from torch import nn
 
-from conftest import randomize_batchnorm
 import stages.activations as stage
-from stages import features as F
-from stages.data import MEAN, STD, eval_inputs
-from stages.fileio import StageError, run_main
-from stages.model import build_model, load_checkpoint, save_checkpoint
+from cnnlens import hooks as F
+from cnnlens.cli import StageError, run_main
+from cnnlens.model import build_model, load_checkpoint, save_checkpoint
+from cnnlens.tensors import MEAN, STD, eval_inputs, normalize_maps
 
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["stem", "layer1", "layer2", "layer3", "layer4"]
 SIDE, CROP = 72, 64  # packed square side and network input: resnet18 maps of 16, 16, 8, 4, 2 pixels
-VAL_PATHS = ["val/ants/a0.jpg", "val/ants/a1.jpg", "val/ants/same.jpg", "val/ants/flat.jpg",
-             "val/bees/b0.jpg", "val/bees/same.jpg", "val/bees/b2.jpg"]
+VAL_PATHS = [
+    "val/ants/a0.jpg",
+    "val/ants/a1.jpg",
+    "val/ants/same.jpg",
+    "val/ants/flat.jpg",
+    "val/bees/b0.jpg",
+    "val/bees/same.jpg",
+    "val/bees/b2.jpg",
+]
 
 
 def small_resnet(seed=0) -> nn.Module:
@@ -68,14 +76,33 @@ def project(tmp_path_factory):
     val_images[VAL_PATHS.index("val/ants/flat.jpg")] = 128  # a constant image
     labels = torch.tensor([0 if "/ants/" in p else 1 for p in VAL_PATHS])
     torch.save({"images": val_images, "labels": labels, "paths": VAL_PATHS}, prepared / "val.pt")
-    torch.save({"images": val_images[:2].clone(), "labels": labels[:2].clone(),
-                "paths": ["train/ants/t0.jpg", "train/ants/t1.jpg"]}, prepared / "train.pt")
+    torch.save(
+        {
+            "images": val_images[:2].clone(),
+            "labels": labels[:2].clone(),
+            "paths": ["train/ants/t0.jpg", "train/ants/t1.jpg"],
+        },
+        prepared / "train.pt",
+    )
     (prepared / "classes.json").write_text(json.dumps(["ants", "bees"]))
     model = small_resnet()
-    meta = {"arch": "resnet18", "classes": ["ants", "bees"], "input_size": CROP, "loss": "cross_entropy",
-            "mode": "finetune", "mean": list(MEAN), "std": list(STD)}
+    meta = {
+        "arch": "resnet18",
+        "classes": ["ants", "bees"],
+        "input_size": CROP,
+        "loss": "cross_entropy",
+        "mode": "finetune",
+        "mean": list(MEAN),
+        "std": list(STD),
+    }
     save_checkpoint(root / "models", model, meta)
-    return {"root": root, "prepared": prepared, "models": root / "models", "model": model, "images": val_images}
+    return {
+        "root": root,
+        "prepared": prepared,
+        "models": root / "models",
+        "model": model,
+        "images": val_images,
+    }
 
 
 def write_params(path: Path, **activations) -> Path:
@@ -86,9 +113,21 @@ def write_params(path: Path, **activations) -> Path:
 
 def run_stage(project, tmp_path, **activations):
     params = write_params(tmp_path / "params.yaml", **activations)
-    cmd = [sys.executable, "-m", "stages.activations", "--data", str(project["prepared"]),
-           "--model", str(project["models"]), "--metrics", str(tmp_path / "metrics" / "activations.json"),
-           "--out", str(tmp_path / "plots" / "activations"), "--params", str(params)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.activations",
+        "--data",
+        str(project["prepared"]),
+        "--model",
+        str(project["models"]),
+        "--metrics",
+        str(tmp_path / "metrics" / "activations.json"),
+        "--out",
+        str(tmp_path / "plots" / "activations"),
+        "--params",
+        str(params),
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -105,8 +144,13 @@ def test_hooked_activations_equal_the_children_forward(project):
     assert list(acts) == LAYERS
     for name in LAYERS:
         assert torch.equal(acts[name], ref[name]), name
-    assert [tuple(acts[n].shape[1:]) for n in LAYERS] == [(64, 16, 16), (64, 16, 16), (128, 8, 8),
-                                                           (256, 4, 4), (512, 2, 2)]
+    assert [tuple(acts[n].shape[1:]) for n in LAYERS] == [
+        (64, 16, 16),
+        (64, 16, 16),
+        (128, 8, 8),
+        (256, 4, 4),
+        (512, 2, 2),
+    ]
     assert no_hooks(model)
 
 
@@ -122,9 +166,17 @@ def test_hooks_are_removed_after_an_error(project):
 
 def test_resnet_layer_names_and_unknown_name_lists_the_available_ones(project):
     model = project["model"]
-    assert F.available_layers(model, CROP) == {"stem": "maxpool", "layer1": "layer1", "layer2": "layer2",
-                                                "layer3": "layer3", "layer4": "layer4"}
-    assert F.resolve_layers(model, ["layer2", "stem"], CROP) == {"layer2": model.layer2, "stem": model.maxpool}
+    assert F.available_layers(model, CROP) == {
+        "stem": "maxpool",
+        "layer1": "layer1",
+        "layer2": "layer2",
+        "layer3": "layer3",
+        "layer4": "layer4",
+    }
+    assert F.resolve_layers(model, ["layer2", "stem"], CROP) == {
+        "layer2": model.layer2,
+        "stem": model.maxpool,
+    }
     with pytest.raises(StageError, match=r"'layer5'.*available: stem, layer1, layer2, layer3, layer4"):
         F.resolve_layers(model, ["stem", "layer5"], CROP)
     with pytest.raises(StageError, match="empty"):
@@ -135,8 +187,13 @@ def test_mobilenet_blocks_are_mapped_by_output_stride_without_touching_the_model
     model = build_model("mobilenet_v3_small", 2).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # torchvision's mobilenet_v3_small config: block strides 2 | 2 | 2, 1 | 2, 1, 1, 1, 1 | 2, 1, 1 | last conv
-    expected = {"stem": "features.0", "layer1": "features.1", "layer2": "features.3",
-                "layer3": "features.8", "layer4": "features.12"}
+    expected = {
+        "stem": "features.0",
+        "layer1": "features.1",
+        "layer2": "features.3",
+        "layer3": "features.8",
+        "layer4": "features.12",
+    }
     assert F.available_layers(model, 64) == expected
     assert model.training  # mode restored, and the probe ran in eval mode: no running statistics changed
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -151,21 +208,25 @@ def test_an_unknown_architecture_is_refused_clearly():
 
 
 def test_top_maps_orders_by_mean_and_each_map_is_scaled_on_its_own():
-    act = torch.tensor([[[1.0, 1.0], [1.0, 1.0]],     # mean 1
-                        [[0.0, 6.0], [3.0, 3.0]],     # mean 3
-                        [[2.0, 2.0], [2.0, 2.0]],     # mean 2, constant
-                        [[-3.0, 9.0], [3.0, 3.0]],    # mean 3 (tie with channel 1: lower channel first)
-                        [[0.0, 0.0], [0.0, 0.0]]])    # mean 0, constant
+    act = torch.tensor(
+        [
+            [[1.0, 1.0], [1.0, 1.0]],  # mean 1
+            [[0.0, 6.0], [3.0, 3.0]],  # mean 3
+            [[2.0, 2.0], [2.0, 2.0]],  # mean 2, constant
+            [[-3.0, 9.0], [3.0, 3.0]],  # mean 3 (tie with channel 1: lower channel first)
+            [[0.0, 0.0], [0.0, 0.0]],
+        ]
+    )  # mean 0, constant
     idx, means = F.top_maps(act, 3)
     assert idx.tolist() == [1, 3, 2]
     assert means.tolist() == [3.0, 3.0, 2.0]
-    scaled = F.minmax_per_map(act[idx])
+    scaled = normalize_maps(act[idx])
     assert torch.equal(scaled[0], torch.tensor([[0.0, 1.0], [0.5, 0.5]]))
     assert torch.equal(scaled[1], torch.tensor([[0.0, 1.0], [0.5, 0.5]]))
     assert torch.equal(scaled[2], torch.zeros(2, 2))  # constant map -> zeros, not NaN
     idx_all, _ = F.top_maps(act, 100)  # k larger than the channel count: every channel once
     assert sorted(idx_all.tolist()) == [0, 1, 2, 3, 4]
-    assert torch.equal(F.minmax_per_map(act[4:]), torch.zeros(1, 2, 2))
+    assert torch.equal(normalize_maps(act[4:]), torch.zeros(1, 2, 2))
 
 
 def test_a_constant_input_image_gives_no_nan_anywhere(project):
@@ -177,7 +238,7 @@ def test_a_constant_input_image_gives_no_nan_anywhere(project):
         model(x)
     for name, act in acts.items():
         idx, means = F.top_maps(act[0], 8)
-        scaled = F.minmax_per_map(act[0][idx])
+        scaled = normalize_maps(act[0][idx])
         assert torch.isfinite(means).all() and torch.isfinite(scaled).all(), name
         assert scaled.min() >= 0 and scaled.max() <= 1
     stats = F.layer_statistics(model, modules, [x])
@@ -196,7 +257,7 @@ def test_layer_stats_on_a_hand_made_tensor_in_two_batches():
     s.update(b)
     r = s.result()
     values = [0, 2, 4, 0, 0, 0, 0, 6, 0, 0, 0, 0]
-    mean = sum(values) / 12                                # 1.0
+    mean = sum(values) / 12  # 1.0
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / 12)
     assert r["sparsity"] == 9 / 12
     assert r["mean"] == pytest.approx(mean, abs=1e-15)
@@ -249,7 +310,15 @@ def test_stage_writes_grids_metrics_and_plot_data(project, tmp_path):
     x = eval_inputs(project["images"], meta["input_size"])
     expected = F.layer_statistics(model, F.resolve_layers(model, LAYERS, CROP), x.split(3))
     for name in LAYERS:
-        assert set(metrics[name]) == {"sparsity", "mean", "std", "channels", "height", "width", "dead_channels"}
+        assert set(metrics[name]) == {
+            "sparsity",
+            "mean",
+            "std",
+            "channels",
+            "height",
+            "width",
+            "dead_channels",
+        }
         for key, value in expected[name].items():
             assert metrics[name][key] == pytest.approx(value, rel=1e-9), (name, key)
     table = pd.read_csv(out / "sparsity.csv")
@@ -264,9 +333,21 @@ def run_cli(project, tmp_path, capsys, **activations):
     to spare a second and third interpreter start."""
     params = write_params(tmp_path / "params.yaml", **activations)
     with pytest.raises(SystemExit) as exit_info:
-        run_main(stage.main, ["--data", str(project["prepared"]), "--model", str(project["models"]),
-                              "--metrics", str(tmp_path / "metrics" / "activations.json"),
-                              "--out", str(tmp_path / "plots" / "activations"), "--params", str(params)])
+        run_main(
+            stage.main,
+            [
+                "--data",
+                str(project["prepared"]),
+                "--model",
+                str(project["models"]),
+                "--metrics",
+                str(tmp_path / "metrics" / "activations.json"),
+                "--out",
+                str(tmp_path / "plots" / "activations"),
+                "--params",
+                str(params),
+            ],
+        )
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -293,11 +374,27 @@ def test_stage_removes_its_hooks_and_names_colliding_images_apart(project, tmp_p
         return model, meta
 
     monkeypatch.setattr(stage, "load_checkpoint", load)
-    params = write_params(tmp_path / "params.yaml", layers=["layer4", "stem"], max_maps=3,
-                          images=["val/ants/same.jpg", "val/bees/same.jpg", "val/ants/flat.jpg", "val/ants/flat.jpg"])
+    params = write_params(
+        tmp_path / "params.yaml",
+        layers=["layer4", "stem"],
+        max_maps=3,
+        images=["val/ants/same.jpg", "val/bees/same.jpg", "val/ants/flat.jpg", "val/ants/flat.jpg"],
+    )
     out = tmp_path / "act"
-    stage.main(["--data", str(project["prepared"]), "--model", str(project["models"]),
-                "--metrics", str(tmp_path / "m.json"), "--out", str(out), "--params", str(params)])
+    stage.main(
+        [
+            "--data",
+            str(project["prepared"]),
+            "--model",
+            str(project["models"]),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--out",
+            str(out),
+            "--params",
+            str(params),
+        ]
+    )
     assert len(seen) == 1 and no_hooks(seen[0])
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["flat", "val_ants_same", "val_bees_same"]
     assert sorted(p.name for p in (out / "grids" / "flat").iterdir()) == ["layer4.png", "stem.png"]

@@ -1,10 +1,11 @@
-"""stages/attribution.py against hand-computed cases and captum (a test-only oracle).
+"""cnnlens/attribution.py against hand-computed cases and captum (a test-only oracle).
 
 Tolerances: gradient vs captum Saliency 1e-6 (float32); integrated gradients vs captum
 IntegratedGradients(method="riemann_trapezoid"), rescaled by n/(n-1) (see the test), 1e-10 of the
-map's max in float64 and 1e-5 in float32 (only the summation order differs); Grad-CAM vs captum LayerGradCam + interpolate 1e-6
-relative to the map's max (float32).
+map's max in float64 and 1e-5 in float32 (only the summation order differs); Grad-CAM vs captum
+LayerGradCam + interpolate 1e-6 relative to the map's max (float32).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,13 +13,13 @@ import dataclasses
 import pytest
 import torch
 import torchvision
+from conftest import randomize_batchnorm
 from torch import nn
 
-from conftest import randomize_batchnorm
-from stages import attribution as A
-from stages.fileio import ParamsError
-from stages.params import SaliencyParams
-
+from cnnlens import attribution as A
+from cnnlens.cli import ParamsError
+from cnnlens.config import SaliencyParams
+from cnnlens.model import predictions
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,7 +52,7 @@ class Quadratic(nn.Module):
     """logits = [sum(x^2), 0]: d logit_0 / dx = 2x, and IG from b to x is exactly x^2 - b^2."""
 
     def forward(self, x):
-        s = (x ** 2).flatten(1).sum(1)
+        s = (x**2).flatten(1).sum(1)
         return torch.stack([s, torch.zeros_like(s)], dim=1)
 
 
@@ -61,7 +62,7 @@ class Quadratic(nn.Module):
 def test_gradient_of_a_linear_model_is_the_weight_row_of_the_argmax_class():
     model = linear_model()
     x = images(n=4, side=4)
-    pred, _ = A.predict(model, x)
+    pred, _ = predictions(model, x)
     maps = A.gradient(model, x, pred)
     expected = model[1].weight.detach()[pred].abs().view(4, 3, 4, 4)
     assert maps.shape == (4, 3, 4, 4)
@@ -71,7 +72,7 @@ def test_gradient_of_a_linear_model_is_the_weight_row_of_the_argmax_class():
 def test_gradient_matches_captum_saliency(resnet):
     captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
     x = images()
-    pred, _ = A.predict(resnet, x)
+    pred, _ = predictions(resnet, x)
     ours = A.gradient(resnet, x, pred)
     theirs = captum_attr.Saliency(resnet).attribute(x.clone().requires_grad_(True), target=pred, abs=True)
     assert (ours >= 0).all()
@@ -80,9 +81,9 @@ def test_gradient_matches_captum_saliency(resnet):
 
 def test_gradient_of_a_batch_equals_gradient_image_by_image(resnet):
     x = images()
-    pred, _ = A.predict(resnet, x)
+    pred, _ = predictions(resnet, x)
     batch = A.gradient(resnet, x, pred)
-    one_by_one = torch.cat([A.gradient(resnet, x[i:i + 1], pred[i:i + 1]) for i in range(len(x))])
+    one_by_one = torch.cat([A.gradient(resnet, x[i : i + 1], pred[i : i + 1]) for i in range(len(x))])
     torch.testing.assert_close(batch, one_by_one, rtol=1e-4, atol=1e-6)
 
 
@@ -91,7 +92,7 @@ def test_gradient_of_a_batch_equals_gradient_image_by_image(resnet):
 
 def test_smoothgrad_without_noise_is_the_gradient(resnet):
     x = images(n=2)
-    pred, _ = A.predict(resnet, x)
+    pred, _ = predictions(resnet, x)
     sg = A.smoothgrad(resnet, x, pred, sigma=0.0, samples=3, seed=0)
     torch.testing.assert_close(sg, A.gradient(resnet, x, pred), rtol=1e-5, atol=1e-7)
 
@@ -99,17 +100,24 @@ def test_smoothgrad_without_noise_is_the_gradient(resnet):
 def test_smoothgrad_of_a_linear_model_is_the_weight_row_whatever_the_noise():
     model = linear_model()
     x = images(n=3, side=4)
-    pred, _ = A.predict(model, x)
+    pred, _ = predictions(model, x)
     sg = A.smoothgrad(model, x, pred, sigma=0.5, samples=7, seed=3)
     torch.testing.assert_close(sg, model[1].weight.detach()[pred].abs().view(3, 3, 4, 4), rtol=1e-6, atol=0)
 
 
 def test_smoothgrad_matches_a_plain_loop_over_noisy_copies(resnet):
     x = images(n=2, side=32)
-    pred, _ = A.predict(resnet, x)
+    pred, _ = predictions(resnet, x)
     sigma, samples = 0.2, 3
-    ours = A.smoothgrad(resnet, x, pred, sigma=sigma, samples=samples,
-                        generator=torch.Generator().manual_seed(7), batch_size=4)
+    ours = A.smoothgrad(
+        resnet,
+        x,
+        pred,
+        sigma=sigma,
+        samples=samples,
+        generator=torch.Generator().manual_seed(7),
+        batch_size=4,
+    )
     # reference: the same noise draws (one N x 3 x H x W tensor per sample), one copy at a time
     g = torch.Generator().manual_seed(7)
     std = sigma * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
@@ -117,15 +125,15 @@ def test_smoothgrad_matches_a_plain_loop_over_noisy_copies(resnet):
     for _ in range(samples):
         noisy = x + torch.randn(x.shape, generator=g) * std.view(-1, 1, 1, 1)
         for i in range(len(x)):
-            xi = noisy[i:i + 1].clone().requires_grad_(True)
-            grad, = torch.autograd.grad(resnet(xi)[0, pred[i]], xi)
+            xi = noisy[i : i + 1].clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(resnet(xi)[0, pred[i]], xi)
             total[i] += grad[0].abs()
     torch.testing.assert_close(ours, total / samples, rtol=1e-4, atol=1e-7)
 
 
 def test_smoothgrad_is_deterministic_given_the_seed_and_independent_of_batch_size(resnet):
     x = images(n=2, side=32)
-    pred, _ = A.predict(resnet, x)
+    pred, _ = predictions(resnet, x)
     a = A.smoothgrad(resnet, x, pred, samples=4, seed=1, batch_size=2)
     b = A.smoothgrad(resnet, x, pred, samples=4, seed=1, batch_size=64)
     c = A.smoothgrad(resnet, x, pred, samples=4, seed=2, batch_size=64)
@@ -153,13 +161,13 @@ def test_ig_of_a_quadratic_is_exact_with_the_trapezoid_rule():
     x = images(n=2, side=3, dtype=torch.float64)
     b = images(n=2, side=3, seed=5, dtype=torch.float64)
     attr = A.integrated_gradients(Quadratic(), x, torch.zeros(2, dtype=torch.long), steps=3, baseline=b)
-    torch.testing.assert_close(attr, x ** 2 - b ** 2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(attr, x**2 - b**2, rtol=1e-12, atol=1e-12)
 
 
 def test_ig_of_a_linear_model_is_input_minus_black_times_weight():
     model = linear_model()
     x = images(n=3, side=4)
-    pred, _ = A.predict(model, x)
+    pred, _ = predictions(model, x)
     attr = A.integrated_gradients(model, x, pred, steps=4)
     expected = (x - A.black_baseline(x)) * model[1].weight.detach()[pred].view(3, 3, 4, 4)
     torch.testing.assert_close(attr, expected, rtol=1e-5, atol=1e-6)
@@ -172,12 +180,13 @@ def test_ig_matches_captum_riemann_trapezoid(dtype, rtol):
     captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
     model = small_resnet(dtype=dtype)
     x = images(n=2, side=24, dtype=dtype)
-    pred, _ = A.predict(model, x)
+    pred, _ = predictions(model, x)
     steps = 8
     ours = A.integrated_gradients(model, x, pred, steps=steps, batch_size=5)
     ig = captum_attr.IntegratedGradients(model)
-    theirs = ig.attribute(x, baselines=A.black_baseline(x), target=pred, n_steps=steps,
-                          method="riemann_trapezoid")
+    theirs = ig.attribute(
+        x, baselines=A.black_baseline(x), target=pred, n_steps=steps, method="riemann_trapezoid"
+    )
     # captum's trapezoid uses the same points, linspace(0, 1, n), but weights 1/n with 1/(2n) at
     # both ends, which add up to (n-1)/n instead of 1; ours are the textbook 1/(n-1), halved at
     # the ends. So the two differ by exactly the factor n/(n-1).
@@ -193,10 +202,11 @@ def test_ig_with_many_steps_agrees_with_captum_default_gauss_legendre():
     captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
     model = small_resnet(dtype=torch.float64)
     x = images(n=1, side=16, dtype=torch.float64)
-    pred, _ = A.predict(model, x)
+    pred, _ = predictions(model, x)
     ours = A.integrated_gradients(model, x, pred, steps=64, batch_size=64)
     theirs = captum_attr.IntegratedGradients(model).attribute(
-        x, baselines=A.black_baseline(x), target=pred, n_steps=64, internal_batch_size=64)
+        x, baselines=A.black_baseline(x), target=pred, n_steps=64, internal_batch_size=64
+    )
     # two different quadratures of the same integral: close, not equal (ReLU kinks)
     cos = torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0)
     assert cos > 0.99
@@ -210,7 +220,7 @@ def test_ig_with_many_steps_agrees_with_captum_default_gauss_legendre():
 def test_gradcam_matches_captum_layergradcam_on_resnet_layer4(resnet):
     captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
     x = images(side=96)  # layer4 is 3 x 3 here
-    pred, _ = A.predict(resnet, x)
+    pred, _ = predictions(resnet, x)
     ours = A.gradcam(resnet, x, pred)
     cam = captum_attr.LayerGradCam(resnet, resnet.layer4).attribute(x, target=pred, relu_attributions=True)
     theirs = captum_attr.LayerAttribution.interpolate(cam, (96, 96), interpolate_mode="bilinear")
@@ -225,9 +235,11 @@ def test_gradcam_finds_the_last_conv_block_of_other_families_and_matches_captum(
     model = torchvision.models.mobilenet_v3_small(num_classes=2).eval()
     assert A.default_gradcam_layer(model) is model.features[-1]
     x = images(n=2, side=64)
-    pred, _ = A.predict(model, x)
+    pred, _ = predictions(model, x)
     ours = A.gradcam(model, x, pred)
-    cam = captum_attr.LayerGradCam(model, model.features[-1]).attribute(x, target=pred, relu_attributions=True)
+    cam = captum_attr.LayerGradCam(model, model.features[-1]).attribute(
+        x, target=pred, relu_attributions=True
+    )
     theirs = captum_attr.LayerAttribution.interpolate(cam, (64, 64), interpolate_mode="bilinear")
     theirs = theirs.detach()
     assert theirs.max() > 0
@@ -236,7 +248,9 @@ def test_gradcam_finds_the_last_conv_block_of_other_families_and_matches_captum(
 
 def test_default_gradcam_layer(resnet):
     assert A.default_gradcam_layer(resnet) is resnet.layer4
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    plain = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
     assert A.default_gradcam_layer(plain) is plain[2]
     with pytest.raises(ValueError, match="no nn.Conv2d"):
         A.default_gradcam_layer(linear_model())
@@ -244,9 +258,10 @@ def test_default_gradcam_layer(resnet):
 
 def test_gradcam_by_layer_name_and_hooks_removed_even_on_error(resnet):
     x = images(n=1, side=64)
-    pred, _ = A.predict(resnet, x)
-    torch.testing.assert_close(A.gradcam(resnet, x, pred, layer="layer3"),
-                               A.gradcam(resnet, x, pred, layer=resnet.layer3))
+    pred, _ = predictions(resnet, x)
+    torch.testing.assert_close(
+        A.gradcam(resnet, x, pred, layer="layer3"), A.gradcam(resnet, x, pred, layer=resnet.layer3)
+    )
     assert not resnet.layer3._forward_hooks
     stray = nn.Conv2d(3, 3, 1)  # never called by the model's forward
     with pytest.raises(ValueError, match="not called"):
@@ -262,7 +277,7 @@ def test_methods_leave_the_model_unchanged_and_in_eval_mode(name):
     model = small_resnet().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = images(n=2, side=32)
-    A.METHODS[name](model, x, torch.tensor([0, 1]), samples=2, steps=2, seed=0)
+    A.METHODS[name].fn(model, x, torch.tensor([0, 1]), samples=2, steps=2, seed=0)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
@@ -275,26 +290,26 @@ def test_methods_leave_the_model_unchanged_and_in_eval_mode(name):
 def test_attribute_dispatches_with_the_params():
     model = small_resnet()
     x = images(n=2, side=32)
-    pred, _ = A.predict(model, x)
+    pred, _ = predictions(model, x)
     params = dataclasses.replace(SaliencyParams(), ig_steps=3, smoothgrad_samples=2, smoothgrad_sigma=0.1)
-    torch.testing.assert_close(A.attribute("integrated_gradients", model, x, pred, params),
-                               A.integrated_gradients(model, x, pred, steps=3))
+    torch.testing.assert_close(
+        A.attribute("integrated_gradients", model, x, pred, params),
+        A.integrated_gradients(model, x, pred, steps=3),
+    )
     torch.testing.assert_close(
         A.attribute("smoothgrad", model, x, pred, params, generator=torch.Generator().manual_seed(4)),
-        A.smoothgrad(model, x, pred, sigma=0.1, samples=2, seed=4))
+        A.smoothgrad(model, x, pred, sigma=0.1, samples=2, seed=4),
+    )
     torch.testing.assert_close(A.attribute("gradient", model, x, pred, params), A.gradient(model, x, pred))
     assert A.attribute("gradcam", model, x, pred, params).shape == (2, 1, 32, 32)
     with pytest.raises(ParamsError, match="unknown saliency method"):
         A.attribute("lime", model, x, pred, params)
-    assert set(A.METHODS) == set(A.PASSES)
 
 
 def test_passes_per_image():
     params = dataclasses.replace(SaliencyParams(), ig_steps=20, smoothgrad_samples=9)
-    assert A.passes("gradient", params) == (1, 1)
-    assert A.passes("gradcam", params) == (1, 1)
-    assert A.passes("smoothgrad", params) == (9, 9)
-    assert A.passes("integrated_gradients", params) == (20, 20)
+    passes = {name: m.passes(params) for name, m in A.METHODS.items()}
+    assert passes == {"gradient": 1, "gradcam": 1, "smoothgrad": 9, "integrated_gradients": 20}
 
 
 # ---------------------------------------------------------------- normalise, combine, predict
@@ -344,12 +359,12 @@ def test_combine_channels_is_the_max_over_channels():
     assert A.combine_channels(torch.ones(2, 1, 3, 3)).shape == (2, 3, 3)
 
 
-def test_predict_is_the_max_logit_and_its_softmax_probability():
+def test_predictions_are_the_max_logit_and_its_softmax_probability():
     class Fixed(nn.Module):
         def forward(self, x):
             return torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0]])
 
-    pred, prob = A.predict(Fixed(), torch.zeros(2, 3, 2, 2))
+    pred, prob = predictions(Fixed(), torch.zeros(2, 3, 2, 2))
     assert pred.tolist() == [1, 0] and pred.dtype == torch.long
     e = torch.exp(torch.tensor(1.0))
     assert torch.allclose(prob, torch.stack([e / (1 + e + 1 / e), e * e / (e * e + 2)]))

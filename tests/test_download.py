@@ -1,8 +1,9 @@
-"""stages/download.py end to end (as a subprocess, like dvc runs it) and stages/fetch.py directly.
+"""stages/download.py end to end (as a subprocess, like dvc runs it) and cnnlens/fetch.py directly.
 
 Everything "downloaded" is served by a small threaded HTTP server on 127.0.0.1; the expected
 hashes are computed here with hashlib from the bytes the server sends.
 """
+
 from __future__ import annotations
 
 import collections
@@ -29,8 +30,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages import fetch  # noqa: E402
-from stages.fileio import StageError  # noqa: E402
+from cnnlens import fetch  # noqa: E402
+from cnnlens.cli import StageError  # noqa: E402
 
 TEST_ENV_VARS = ("HYMENOPTERA_URL", "WEIGHTS_URL_OVERRIDE", "WEIGHTS_SHA256", "FETCH_RETRY_BASE_DELAY")
 
@@ -83,7 +84,7 @@ def symlink_zip() -> bytes:
 def patch_declared_size(data: bytes, size: int) -> bytes:
     """Overwrite the uncompressed size in the first central-directory header (offset 24)."""
     at = data.index(b"PK\x01\x02")
-    return data[:at + 24] + size.to_bytes(4, "little") + data[at + 28:]
+    return data[: at + 24] + size.to_bytes(4, "little") + data[at + 28 :]
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -106,6 +107,7 @@ def serve(body: bytes):
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         h.wfile.write(body)
+
     return route
 
 
@@ -115,12 +117,14 @@ def truncated(body: bytes):
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         h.wfile.write(body[: len(body) // 2])
+
     return route
 
 
 def status(code: int):
     def route(h):
         h.send_error(code)
+
     return route
 
 
@@ -128,6 +132,7 @@ def slow(seconds: float, body: bytes):
     def route(h):
         time.sleep(seconds)
         serve(body)(h)
+
     return route
 
 
@@ -158,9 +163,14 @@ def run_stage(tmp_path: Path, what: str, params: dict, env: dict | None = None):
     out = tmp_path / ("raw" if what == "data" else "weights")
     full_env = {k: v for k, v in os.environ.items() if k not in TEST_ENV_VARS}
     full_env.update({"FETCH_RETRY_BASE_DELAY": "0", **(env or {})})
-    proc = subprocess.run([sys.executable, "-m", "stages.download", what, "--out", str(out),
-                           "--params", str(params_file)],
-                          cwd=REPO, env=full_env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.download", what, "--out", str(out), "--params", str(params_file)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return proc, out
 
 
@@ -250,7 +260,9 @@ def test_http_404_is_not_retried(server, tmp_path):
 
 def test_connection_refused(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/hymenoptera_data.zip"
-    proc, out = run_stage(tmp_path, "data", data_params(source="hymenoptera", retries=1), {"HYMENOPTERA_URL": url})
+    proc, out = run_stage(
+        tmp_path, "data", data_params(source="hymenoptera", retries=1), {"HYMENOPTERA_URL": url}
+    )
     assert proc.returncode == 1
     assert url in proc.stderr and "cannot connect" in proc.stderr and "after 2 attempt" in proc.stderr
     assert "make demo" in proc.stderr and "data.source" in proc.stderr
@@ -273,15 +285,27 @@ def test_read_timeout(server, tmp_path):
 
 
 UNSAFE = {
-    "zipslip": (make_zip([("hymenoptera_data/train/ants/a.png", FILES["train/ants/a.png"]),
-                          ("../evil.txt", b"owned")]), {}, "../evil.txt"),
+    "zipslip": (
+        make_zip(
+            [("hymenoptera_data/train/ants/a.png", FILES["train/ants/a.png"]), ("../evil.txt", b"owned")]
+        ),
+        {},
+        "../evil.txt",
+    ),
     "absolute": (make_zip([("/tmp/evil.txt", b"owned")]), {}, "/tmp/evil.txt"),
     "symlink": (symlink_zip(), {}, "link.png"),
     # a real miniature bomb: 2 MiB of zeros compress to a few KiB; the limit is 1 MiB
-    "bomb": (make_zip([("hymenoptera_data/train/ants/zeros.png", bytes(2 << 20))]), {"max_extract_mb": 1}, "limit"),
+    "bomb": (
+        make_zip([("hymenoptera_data/train/ants/zeros.png", bytes(2 << 20))]),
+        {"max_extract_mb": 1},
+        "limit",
+    ),
     # a header claiming ~4 GiB, over the default 2048 MiB limit
-    "absurd": (patch_declared_size(make_zip([("hymenoptera_data/train/ants/a.png", b"x" * 100)]), 0xFFFFFFFE),
-               {}, str(0xFFFFFFFE)),
+    "absurd": (
+        patch_declared_size(make_zip([("hymenoptera_data/train/ants/a.png", b"x" * 100)]), 0xFFFFFFFE),
+        {},
+        str(0xFFFFFFFE),
+    ),
 }
 
 
@@ -405,8 +429,9 @@ def test_local_imagefolder_dir(tmp_path):
     source = json.loads((out / "SOURCE.json").read_text())
     assert source["source"] == "local_dir" and source["path"] == str(root.resolve())
     assert source["files"] == len(FILES) and source["bytes"] == sum(map(len, FILES.values()))
-    tree = hashlib.sha256("".join(f"{hashlib.sha256(FILES[k]).hexdigest()}  {k}\n"
-                                  for k in sorted(FILES)).encode()).hexdigest()
+    tree = hashlib.sha256(
+        "".join(f"{hashlib.sha256(FILES[k]).hexdigest()}  {k}\n" for k in sorted(FILES)).encode()
+    ).hexdigest()
     assert source["tree_sha256"] == tree
 
 
@@ -422,10 +447,9 @@ def test_bad_sha256_param(tmp_path):
     assert proc.returncode == 2 and "data.sha256" in proc.stderr
 
 
-@pytest.mark.skipif(not (REPO / "stages" / "synthetic.py").exists(), reason="stages/synthetic.py not written yet")
 def test_synthetic(tmp_path):
-    from stages import synthetic
-    from stages.params import SyntheticParams
+    from cnnlens import synthetic
+    from cnnlens.config import SyntheticParams
 
     sp = {"image_size": 32, "train_ants": 2, "train_bees": 1, "val_ants": 1, "val_bees": 2}
     proc, out = run_stage(tmp_path, "data", {"seed": 7, "data": {"source": "synthetic", "synthetic": sp}})
@@ -468,12 +492,22 @@ def test_weights_override_good_hash(server, tmp_path):
     digest = hashlib.sha256(body).hexdigest()
     server.routes["/resnet18-fake.pth"] = serve(body)
     url = server.url("/resnet18-fake.pth")
-    proc, out = run_stage(tmp_path, "weights", {"model": {"arch": "resnet18", "weights": "IMAGENET1K_V1"}},
-                          {"WEIGHTS_URL_OVERRIDE": url, "WEIGHTS_SHA256": digest})
+    proc, out = run_stage(
+        tmp_path,
+        "weights",
+        {"model": {"arch": "resnet18", "weights": "IMAGENET1K_V1"}},
+        {"WEIGHTS_URL_OVERRIDE": url, "WEIGHTS_SHA256": digest},
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "weights.pth").read_bytes() == body
     info = json.loads((out / "weights.json").read_text())
-    assert info == {"source": "IMAGENET1K_V1", "url": url, "arch": "resnet18", "bytes": len(body), "sha256": digest}
+    assert info == {
+        "source": "IMAGENET1K_V1",
+        "url": url,
+        "arch": "resnet18",
+        "bytes": len(body),
+        "sha256": digest,
+    }
     assert leftovers(tmp_path) == ["weights"]
 
 
@@ -482,8 +516,12 @@ def test_weights_override_bad_hash(server, tmp_path):
     server.routes["/resnet18-bad.pth"] = serve(body)
     url = server.url("/resnet18-bad.pth")
     wrong = "ef" * 32
-    proc, out = run_stage(tmp_path, "weights", {"model": {"weights": "IMAGENET1K_V1"}},
-                          {"WEIGHTS_URL_OVERRIDE": url, "WEIGHTS_SHA256": wrong})
+    proc, out = run_stage(
+        tmp_path,
+        "weights",
+        {"model": {"weights": "IMAGENET1K_V1"}},
+        {"WEIGHTS_URL_OVERRIDE": url, "WEIGHTS_SHA256": wrong},
+    )
     assert proc.returncode == 1
     assert url in proc.stderr and wrong in proc.stderr and hashlib.sha256(body).hexdigest() in proc.stderr
     assert "model.weights" in proc.stderr  # the offline hint

@@ -4,6 +4,7 @@ to compare losses, recovery from a killed run, and the plots page.
 Each test works on its own copy of one finished project (see dvc_helpers.finished_project); DVC
 never runs in the real working tree. The assertions read what DVC itself reports.
 """
+
 from __future__ import annotations
 
 import html.parser
@@ -20,9 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from dvc_helpers import (copy_project, dvc, dvc_env, dvc_json, dvc_yaml_stages, finished_project, git,
-                         metrics_files, set_params, stage_report)
+from dvc_helpers import (
+    copy_project,
+    dvc,
+    dvc_env,
+    dvc_json,
+    dvc_yaml_stages,
+    finished_project,
+    git,
+    metrics_files,
+    set_params,
+    stage_report,
+)
 
 STAGES = dvc_yaml_stages()
 DOWNSTREAM_OF_MODEL = {"finetune", "evaluate", "saliency", "activations"}
@@ -44,7 +54,9 @@ def status(project: Path) -> dict:
 
 def test_full_repro_runs_every_stage_then_nothing_is_left_to_do(finished, project):
     first = stage_report(finished[1])
-    assert first["ran"] == set(STAGES), f"the first `dvc repro` should run every stage:\n{finished[1][-3000:]}"
+    assert first["ran"] == set(STAGES), (
+        f"the first `dvc repro` should run every stage:\n{finished[1][-3000:]}"
+    )
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     for name in metrics_files(project):
@@ -70,10 +82,13 @@ def _check_edit(project: Path, out: str, key: str, value, changed: str, reruns: 
     assert status(project) == {}
 
 
-@pytest.mark.parametrize("key, value, changed, reruns", [
-    ("saliency.bootstrap", 60, "saliency", {"saliency"}),
-    ("prepare.resize", 44, "prepare", {"prepare"} | DOWNSTREAM_OF_MODEL),
-])
+@pytest.mark.parametrize(
+    "key, value, changed, reruns",
+    [
+        ("saliency.bootstrap", 60, "saliency", {"saliency"}),
+        ("prepare.resize", 44, "prepare", {"prepare"} | DOWNSTREAM_OF_MODEL),
+    ],
+)
 def test_editing_a_param_reruns_exactly_the_stages_it_affects(project, key, value, changed, reruns):
     set_params(project, **{key: value})
     # `dvc status` names only the stage that reads the key; the rest follow through changed outputs
@@ -86,11 +101,19 @@ def _kill_during_finetune(project: Path) -> tuple[int, str]:
     (into the dvclive temp dir), return (exit status, what DVC had printed)."""
     log = project.parent / "killed-repro.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=dvc_env(), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=project,
+            env=dvc_env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        started = lambda: "Running stage 'finetune'" in log.read_text() and any(
-            project.glob("plots/.train.*.tmp/plots/metrics/train_loss.tsv"))
+        started = lambda: (
+            "Running stage 'finetune'" in log.read_text()
+            and any(project.glob("plots/.train.*.tmp/plots/metrics/train_loss.tsv"))
+        )
         _wait_for(started, proc, 300, "finetune to log its first epoch")
         assert proc.poll() is None, f"dvc repro ended before it could be killed:\n{log.read_text()[-3000:]}"
         os.killpg(proc.pid, signal.SIGKILL)
@@ -110,20 +133,32 @@ def loss_edited(finished, tmp_path_factory):
     the two runs, the final outputs) and the experiments (the bce run is now in the run-cache)."""
     project = copy_project(finished[0], tmp_path_factory.mktemp("loss") / "project")
     set_params(project, **{"train.loss": "bce_with_logits"})
-    facts = {"project": project, "status_before": set(status(project)),
-             "lock_before": (project / "dvc.lock").read_bytes()}
+    facts = {
+        "project": project,
+        "status_before": set(status(project)),
+        "lock_before": (project / "dvc.lock").read_bytes(),
+    }
     facts["killed_rc"], facts["killed_log"] = _kill_during_finetune(project)
-    facts.update(lock_after_kill=(project / "dvc.lock").read_bytes(), status_after_kill=status(project),
-                 models_after_kill=(project / "models").exists(),
-                 train_metrics_after_kill=(project / "metrics/train.json").exists())
+    facts.update(
+        lock_after_kill=(project / "dvc.lock").read_bytes(),
+        status_after_kill=status(project),
+        models_after_kill=(project / "models").exists(),
+        train_metrics_after_kill=(project / "metrics/train.json").exists(),
+    )
     facts["output"] = dvc(project, "repro").stdout
     return facts
 
 
 def test_editing_train_loss_reruns_finetune_and_everything_downstream(loss_edited):
     assert loss_edited["status_before"] == {"finetune"}
-    _check_edit(loss_edited["project"], loss_edited["output"], "train.loss", "bce_with_logits", "finetune",
-                DOWNSTREAM_OF_MODEL)
+    _check_edit(
+        loss_edited["project"],
+        loss_edited["output"],
+        "train.loss",
+        "bce_with_logits",
+        "finetune",
+        DOWNSTREAM_OF_MODEL,
+    )
 
 
 def test_killed_repro_during_finetune_recovers_on_the_next_repro(loss_edited):
@@ -205,9 +240,14 @@ def test_loss_comparison_with_experiments(loss_edited, tmp_path):
     metrics_diff = dvc_json(project, "metrics", "diff", "ce", "bce")
     assert "metrics/data.json" not in metrics_diff, "prepare did not rerun; its metrics cannot differ"
     assert {"metrics/train.json", "metrics/eval.json"} <= set(metrics_diff)
-    assert "last_epoch.train_loss" in metrics_diff["metrics/train.json"], "another loss gives another loss value"
+    assert "last_epoch.train_loss" in metrics_diff["metrics/train.json"], (
+        "another loss gives another loss value"
+    )
     for path, entries in metrics_diff.items():
-        old, new = _flatten(exps["ce"]["metrics"][path]["data"]), _flatten(exps["bce"]["metrics"][path]["data"])
+        old, new = (
+            _flatten(exps["ce"]["metrics"][path]["data"]),
+            _flatten(exps["bce"]["metrics"][path]["data"]),
+        )
         for key, d in entries.items():
             assert (d["old"], d["new"]) == (old[key], new[key]), (path, key)
             assert d["old"] != d["new"]
@@ -225,6 +265,7 @@ def _wait_for(predicate, proc, timeout, what):
 
 
 # --- the plots page ----------------------------------------------------------------------------------
+
 
 class _Page(html.parser.HTMLParser):
     def __init__(self):
@@ -245,7 +286,7 @@ def _specs(page: str) -> dict[str, dict]:
     for m in re.finditer(r"var spec = ", page):
         spec, end = decoder.raw_decode(page, m.end())
         target = re.match(r"\s*;?\s*vegaEmbed\('#([^']+)'", page[end:])
-        assert target, page[end:end + 200]
+        assert target, page[end : end + 200]
         specs[target.group(1)] = spec
     return specs
 
@@ -284,8 +325,11 @@ def test_plots_show_writes_one_page_with_every_declared_plot(plots_page):
         assert json.dumps(cfg["x_label"]) in text and json.dumps(cfg["y_label"]) in text, plot_id
 
     # the image plots (a declared folder stands for every PNG in it): one <img> each, a copy of the file
-    images = [f.relative_to(project).as_posix() for i in images
-              for f in (sorted((project / i).rglob("*.png")) if (project / i).is_dir() else [project / i])]
+    images = [
+        f.relative_to(project).as_posix()
+        for i in images
+        for f in (sorted((project / i).rglob("*.png")) if (project / i).is_dir() else [project / i])
+    ]
     assert len(images) > 10  # the gallery, saliency figures and activation grids
     assert len(parsed.img_srcs) == len(images)
     for image in images:
@@ -309,31 +353,52 @@ window.addEventListener('load', function () { setTimeout(function () {
 </script>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)"
+)
 def test_plots_page_renders_in_headless_chromium(plots_page, tmp_path):
     """Loads the page in a real browser: every image must decode. The charts need Vega from
     cdn.jsdelivr.net (DVC's page template links it); they are checked only when that loads."""
     project, out, declared = plots_page
     probe = out / "probe.html"
     probe.write_text((out / "index.html").read_text().replace("</body>", PROBE + "</body>"))
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=15000",
+    ]
     dom = subprocess.run(flags + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     found = re.search(r'<pre id="probe">([^<]*)</pre>', dom.stdout)
     assert found, f"the page did not finish loading in chromium:\n{dom.stderr[-2000:]}"
     result = json.loads(found.group(1).replace("&quot;", '"'))
-    n_images = sum(len(list((project / p).rglob("*.png"))) if (project / p).is_dir() else 1
-                   for p in declared if isinstance(p, str))
+    n_images = sum(
+        len(list((project / p).rglob("*.png"))) if (project / p).is_dir() else 1
+        for p in declared
+        if isinstance(p, str)
+    )
     assert result["images"] == result["images_loaded"] == n_images, result
     if result["vega"]:
         assert result["charts"] >= sum(isinstance(p, dict) for p in declared), result
     else:
-        warnings.warn("Vega did not load from cdn.jsdelivr.net (offline?): charts were not checked in chromium")
+        warnings.warn(
+            "Vega did not load from cdn.jsdelivr.net (offline?): charts were not checked in chromium",
+            stacklevel=2,
+        )
 
     shot = tmp_path / "page.png"
-    subprocess.run(flags + ["--window-size=1280,4000", f"--screenshot={shot}", (out / "index.html").as_uri()],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        flags + ["--window-size=1280,4000", f"--screenshot={shot}", (out / "index.html").as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
     from PIL import Image
 
     with Image.open(shot) as im:

@@ -1,14 +1,15 @@
 """evaluate: metric arithmetic against hand-computed values, and the stage's files."""
+
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_prepared, run_stage, write_params
-from stages.model import build_model, save_checkpoint
-from stages.scoring import classification_metrics, confusion, expected_calibration_error, reliability_table
+
+from cnnlens.metrics import classification_metrics, confusion, expected_calibration_error, reliability_table
+from cnnlens.model import build_model, save_checkpoint
 
 # a fixed prediction table: 4 ants (0), 6 bees (1)
 Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
@@ -51,13 +52,25 @@ def test_stage_writes_metrics_plots_table_and_gallery(tmp_path):
     model = build_model("resnet18", 2).eval()
     save_checkpoint(tmp_path / "models", model, meta)
     params = write_params(tmp_path / "params.yaml", {"train": {"device": "cpu"}})
-    proc = run_stage("evaluate", "--data", prepared, "--model", tmp_path / "models",
-                     "--metrics", tmp_path / "eval.json", "--plots", tmp_path / "plots", "--params", params)
+    proc = run_stage(
+        "evaluate",
+        "--data",
+        prepared,
+        "--model",
+        tmp_path / "models",
+        "--metrics",
+        tmp_path / "eval.json",
+        "--plots",
+        tmp_path / "plots",
+        "--params",
+        params,
+    )
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "eval.json").read_text())
     # the same numbers from an independent forward pass
     val = torch.load(prepared / "val.pt", weights_only=True)
-    from stages.data import eval_inputs
+    from cnnlens.tensors import eval_inputs
+
     with torch.no_grad():
         proba = torch.softmax(model(eval_inputs(val["images"], 32)), 1).numpy()
     y = val["labels"].numpy()
@@ -74,7 +87,22 @@ def test_stage_writes_metrics_plots_table_and_gallery(tmp_path):
 
 def test_missing_model_is_a_clear_error(tmp_path):
     prepared = make_prepared(tmp_path / "prepared", n_train=2, n_val=2, size=40)
-    proc = run_stage("evaluate", "--data", prepared, "--model", tmp_path / "nope", "--metrics", tmp_path / "e.json",
-                     "--plots", tmp_path / "plots", "--params", write_params(tmp_path / "p.yaml"))
-    assert proc.returncode == 1 and "model.json: file not found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_stage(
+        "evaluate",
+        "--data",
+        prepared,
+        "--model",
+        tmp_path / "nope",
+        "--metrics",
+        tmp_path / "e.json",
+        "--plots",
+        tmp_path / "plots",
+        "--params",
+        write_params(tmp_path / "p.yaml"),
+    )
+    assert (
+        proc.returncode == 1
+        and "model.json: file not found" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
     assert not (tmp_path / "plots").exists()

@@ -1,4 +1,5 @@
 """prepare against a corpus of bad and odd files, both policies, and the real data."""
+
 import json
 import struct
 import zlib
@@ -7,18 +8,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-
 from conftest import SHARED_DATA, needs_real_data, run_stage, write_params
+from PIL import Image
 
 
 def png_with_huge_declared_size(path):
     """A valid PNG header declaring 100000 x 100000 pixels (a decompression bomb by its size)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
 
 
 def make_corpus(raw):
@@ -49,8 +55,17 @@ def make_corpus(raw):
 
 def prepare(tmp_path, raw, **overrides):
     params = write_params(tmp_path / "params.yaml", {"prepare": {"resize": 32, **overrides}})
-    return run_stage("prepare", "--raw", raw, "--out", tmp_path / "out", "--report", tmp_path / "data.json",
-                     "--params", params)
+    return run_stage(
+        "prepare",
+        "--raw",
+        raw,
+        "--out",
+        tmp_path / "out",
+        "--report",
+        tmp_path / "data.json",
+        "--params",
+        params,
+    )
 
 
 def test_skip_policy_reports_every_bad_file_and_converts_modes(tmp_path):
@@ -70,8 +85,16 @@ def test_skip_policy_reports_every_bad_file_and_converts_modes(tmp_path):
     idx = train["paths"].index("train/ants/sixteen.png")
     assert 60 < train["images"][idx].float().mean() < 200
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
-    assert len(manifest) == 16 and set(manifest.columns) >= {"path", "split", "class", "label", "sha256",
-                                                               "orig_width", "orig_height", "box"}
+    assert len(manifest) == 16 and set(manifest.columns) >= {
+        "path",
+        "split",
+        "class",
+        "label",
+        "sha256",
+        "orig_width",
+        "orig_height",
+        "box",
+    }
     tall = manifest[manifest.path == "train/bees/tall.png"].iloc[0]
     assert (tall.orig_width, tall.orig_height) == (30, 90)
     assert Image.open(tmp_path / "out" / "train/bees/tall.jpg").size == (32, 96)  # short side resized
@@ -90,11 +113,14 @@ def test_fail_policy_lists_files_and_writes_no_output(tmp_path):
     assert not list(tmp_path.glob(".out.*"))  # no temporary left behind
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({"train/ants": 2, "val/ants": 1}, "at least 2"),
-    ({"train/ants": 2, "train/bees": 2, "val/ants": 1}, "'bees' is missing from val/"),
-    ({"train/ants": 2, "train/bees": 0, "val/ants": 1, "val/bees": 1}, "no images"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"train/ants": 2, "val/ants": 1}, "at least 2"),
+        ({"train/ants": 2, "train/bees": 2, "val/ants": 1}, "'bees' is missing from val/"),
+        ({"train/ants": 2, "train/bees": 0, "val/ants": 1, "val/bees": 1}, "no images"),
+    ],
+)
 def test_class_problems_fail_clearly(tmp_path, layout, message):
     for folder, n in layout.items():
         (tmp_path / "raw" / folder).mkdir(parents=True)
@@ -119,8 +145,17 @@ def test_no_val_folder_gives_a_stratified_seeded_split(tmp_path):
 
 @needs_real_data
 def test_real_hymenoptera(tmp_path):
-    proc = run_stage("prepare", "--raw", SHARED_DATA, "--out", tmp_path / "out", "--report", tmp_path / "data.json",
-                     "--params", write_params(tmp_path / "params.yaml", {"prepare": {"resize": 64}}))
+    proc = run_stage(
+        "prepare",
+        "--raw",
+        SHARED_DATA,
+        "--out",
+        tmp_path / "out",
+        "--report",
+        tmp_path / "data.json",
+        "--params",
+        write_params(tmp_path / "params.yaml", {"prepare": {"resize": 64}}),
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "data.json").read_text())
     assert (report["train_images"], report["val_images"]) == (244, 153)

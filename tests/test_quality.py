@@ -1,4 +1,5 @@
-"""stages/quality.py against hand-computed cases, scipy and normal theory."""
+"""cnnlens/quality.py against hand-computed cases, scipy and normal theory."""
+
 from __future__ import annotations
 
 import math
@@ -10,9 +11,9 @@ import torchvision
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from stages import attribution as A
-from stages import quality as Q
-
+from cnnlens import attribution as A
+from cnnlens import quality as Q
+from cnnlens.model import predictions
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,8 +41,9 @@ def test_deletion_and_insertion_by_hand():
     x = two_by_two()
     target = torch.tensor([0])
     good = x[:, 0].clone()  # ranks the pixels 1.0, 0.5, 0.25, 0.0
-    out = Q.deletion_insertion(MeanPixelModel(), x, target, good, steps=4,
-                               insertion_start=torch.zeros_like(x))
+    out = Q.deletion_insertion(
+        MeanPixelModel(), x, target, good, steps=4, insertion_start=torch.zeros_like(x)
+    )
     # deletion removes one pixel per step: channel-0 sums 1.75, 0.75, 0.25, 0, 0 over 4 pixels,
     # p = 0.1 + 0.8 * sum / 4
     assert torch.allclose(out["deletion_curve"], torch.tensor([[0.45, 0.25, 0.15, 0.10, 0.10]]))
@@ -53,8 +55,9 @@ def test_deletion_and_insertion_by_hand():
     assert torch.allclose(out["fractions"], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
 
     # the reversed ranking deletes the zero pixel first: sums 1.75, 1.75, 1.5, 1.0, 0
-    bad = Q.deletion_insertion(MeanPixelModel(), x, target, -good, steps=4,
-                               insertion_start=torch.zeros_like(x))
+    bad = Q.deletion_insertion(
+        MeanPixelModel(), x, target, -good, steps=4, insertion_start=torch.zeros_like(x)
+    )
     assert torch.allclose(bad["deletion_curve"], torch.tensor([[0.45, 0.45, 0.40, 0.30, 0.10]]))
     assert torch.allclose(bad["deletion_auc"], torch.tensor([0.35625]))
 
@@ -92,10 +95,14 @@ def test_a_map_that_follows_the_model_beats_the_random_and_centre_baselines():
     x = torch.rand(4, 3, 16, 16, generator=g)
     target = torch.zeros(4, dtype=torch.long)
     model = MeanPixelModel()
-    score = lambda maps: Q.deletion_insertion(model, x, target, maps, steps=8,
-                                              insertion_start=torch.zeros_like(x))
+    score = lambda maps: Q.deletion_insertion(
+        model, x, target, maps, steps=8, insertion_start=torch.zeros_like(x)
+    )
     good = score(x[:, 0])
-    for baseline in (Q.random_maps(4, 16, 16, torch.Generator().manual_seed(2)), Q.center_prior_maps(4, 16, 16)):
+    for baseline in (
+        Q.random_maps(4, 16, 16, torch.Generator().manual_seed(2)),
+        Q.center_prior_maps(4, 16, 16),
+    ):
         base = score(baseline)
         assert (good["deletion_auc"] < base["deletion_auc"]).all()
         assert (good["insertion_auc"] > base["insertion_auc"]).all()
@@ -123,7 +130,7 @@ def test_random_and_centre_prior_maps():
     assert c.shape == (2, 5, 7) and torch.equal(c[0], c[1])
     assert c[0, 2, 3] == 1.0 and c[0].argmax() == 2 * 7 + 3
     s = 0.5 * 5
-    assert torch.isclose(c[0, 0, 0], torch.tensor(math.exp(-(2 ** 2 + 3 ** 2) / (2 * s * s))))
+    assert torch.isclose(c[0, 0, 0], torch.tensor(math.exp(-(2**2 + 3**2) / (2 * s * s))))
     assert torch.equal(c[0], c[0].flip(0)) and torch.equal(c[0], c[0].flip(1))
 
 
@@ -155,9 +162,17 @@ def test_randomization_check_leaves_the_model_alone_and_starts_at_one():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng_before = torch.random.get_rng_state()
     x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(1))
-    pred, _ = A.predict(model, x)
+    pred, _ = predictions(model, x)
     result = Q.randomization_check(model, x, pred, A.gradient, seed=0)
-    assert [name for name, _ in result] == ["original", "fc", "layer4", "layer3", "layer2", "layer1", "conv1+bn1"]
+    assert [name for name, _ in result] == [
+        "original",
+        "fc",
+        "layer4",
+        "layer3",
+        "layer2",
+        "layer1",
+        "conv1+bn1",
+    ]
     assert result[0][1] == pytest.approx(1.0, abs=1e-6)
     assert all(-1.0 <= rho <= 1.0 for _, rho in result)
     assert min(rho for _, rho in result[1:]) < 0.9  # randomising does change the maps
@@ -173,7 +188,7 @@ def test_randomization_of_a_linear_head_by_hand():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    pred, _ = A.predict(model, x)
+    pred, _ = predictions(model, x)
     assert Q.default_layer_order(model) == ["1"]
     result = Q.randomization_check(model, x, pred, A.gradient, seed=5)
     # the gradient of a linear model is its weight row; re-drawn with the seed of step 1 (5 + 1)
@@ -182,8 +197,14 @@ def test_randomization_of_a_linear_head_by_hand():
     torch.manual_seed(6)
     fresh.reset_parameters()
     combined = lambda w: w.abs().view(-1, 3, 4, 4).amax(1).flatten(1)
-    expected = np.mean([stats.spearmanr(combined(old[pred[i]][None])[0], combined(fresh.weight.detach()[pred[i]][None])[0])
-                        .statistic for i in range(2)])
+    expected = np.mean(
+        [
+            stats.spearmanr(
+                combined(old[pred[i]][None])[0], combined(fresh.weight.detach()[pred[i]][None])[0]
+            ).statistic
+            for i in range(2)
+        ]
+    )
     assert result[0] == ("original", pytest.approx(1.0))
     assert result[1][0] == "1" and result[1][1] == pytest.approx(expected, abs=1e-9)
 

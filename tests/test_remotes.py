@@ -3,6 +3,7 @@
 S3 served by moto on 127.0.0.1, a real sshd on 127.0.0.1), plus what DVC 3.67 does with the
 run-cache on a clone without dvc.lock and with a corrupted object in the remote.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -14,9 +15,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from dvc_helpers import (copy_project, dvc, dvc_json, dvc_yaml_stages, finished_project, free_port, git, md5_file,
-                         metrics_files, stage_report, wait_for_port)
+from dvc_helpers import (
+    copy_project,
+    dvc,
+    dvc_json,
+    dvc_yaml_stages,
+    finished_project,
+    free_port,
+    git,
+    md5_file,
+    metrics_files,
+    stage_report,
+    wait_for_port,
+)
 
 STAGES = dvc_yaml_stages()
 
@@ -88,6 +99,7 @@ def test_share_through_a_local_directory_remote(clone_a, tmp_path):
 
 # --- S3 (moto) -------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def s3_server():
     pytest.importorskip("moto.server", reason="moto[server] is not installed (requirements-dev.txt has it)")
@@ -100,8 +112,13 @@ def s3_server():
     try:
         host, port = server.get_host_and_port()
         url = f"http://{host}:{port}"
-        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                              aws_secret_access_key="testing-secret")
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing-secret",
+        )
         client.create_bucket(Bucket="team-bucket")
         yield url, client
     finally:
@@ -110,11 +127,17 @@ def s3_server():
 
 def test_share_through_an_s3_remote(clone_a, tmp_path, s3_server):
     url, client = s3_server
-    share(clone_a, tmp_path / "B",
-          [["add", "-d", "s3", "s3://team-bucket/hymenoptera"], ["modify", "s3", "endpointurl", url]],
-          [["s3", "access_key_id", "testing"], ["s3", "secret_access_key", "testing-secret"]])
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="team-bucket")
-            for o in page.get("Contents", [])]
+    share(
+        clone_a,
+        tmp_path / "B",
+        [["add", "-d", "s3", "s3://team-bucket/hymenoptera"], ["modify", "s3", "endpointurl", url]],
+        [["s3", "access_key_id", "testing"], ["s3", "secret_access_key", "testing-secret"]],
+    )
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket="team-bucket")
+        for o in page.get("Contents", [])
+    ]
     assert any(k.startswith("hymenoptera/files/md5/") for k in keys)
     assert sum(k.startswith("hymenoptera/runs/") for k in keys) == len(STAGES)
     # the secret lives only in the untracked .dvc/config.local
@@ -142,15 +165,17 @@ def sshd(tmp_path):
     d = tmp_path / "sshd"
     d.mkdir()
     for key in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dvc-test", "-f", d / key], check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dvc-test", "-f", d / key], check=True
+        )
     shutil.copy(d / "user_key.pub", d / "authorized_keys")
     port = free_port()
     (d / "sshd_config").write_text(f"""\
 Port {port}
 ListenAddress 127.0.0.1
-HostKey {d / 'host_key'}
-PidFile {d / 'sshd.pid'}
-AuthorizedKeysFile {d / 'authorized_keys'}
+HostKey {d / "host_key"}
+PidFile {d / "sshd.pid"}
+AuthorizedKeysFile {d / "authorized_keys"}
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -177,14 +202,19 @@ Subsystem sftp internal-sftp
 def test_share_through_an_ssh_remote(clone_a, tmp_path, sshd):
     port, key, log = sshd
     remote = tmp_path / "ssh-remote"
-    share(clone_a, tmp_path / "B", [["add", "-d", "ssh", f"ssh://{getpass.getuser()}@127.0.0.1:{port}{remote}"]],
-          [["ssh", "keyfile", str(key)]])
+    share(
+        clone_a,
+        tmp_path / "B",
+        [["add", "-d", "ssh", f"ssh://{getpass.getuser()}@127.0.0.1:{port}{remote}"]],
+        [["ssh", "keyfile", str(key)]],
+    )
     objects, runs = remote_objects(remote)
     assert objects > 0 and runs == len(STAGES), (objects, runs)
     assert "Accepted publickey" in log.read_text(), "the transfers went through the test's sshd"
 
 
 # --- run-cache on a clone without dvc.lock ---------------------------------------------------------
+
 
 def test_run_cache_on_a_clone_without_lock_restores_only_fully_cached_stages(clone_a, tmp_path):
     """B checks out the commit before the run (no dvc.lock, no metrics). `dvc repro --pull` fetches the
@@ -200,7 +230,9 @@ def test_run_cache_on_a_clone_without_lock_restores_only_fully_cached_stages(clo
     assert not (b / "dvc.lock").exists()
     dvc(b, "remote", "add", "-d", "shared", str(remote))
     pulled = dvc(b, "pull", "--run-cache", check=False)
-    assert pulled.returncode != 0 and "Checkout failed" in pulled.stdout, "nothing to check out without dvc.lock"
+    assert pulled.returncode != 0 and "Checkout failed" in pulled.stdout, (
+        "nothing to check out without dvc.lock"
+    )
 
     out = dvc(b, "repro", "--pull", "download_weights", "prepare").stdout
     report = stage_report(out)
@@ -214,6 +246,7 @@ def test_run_cache_on_a_clone_without_lock_restores_only_fully_cached_stages(clo
 
 
 # --- a corrupted object in the remote --------------------------------------------------------------
+
 
 @pytest.fixture
 def corrupted_remote(clone_a, tmp_path):

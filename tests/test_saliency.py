@@ -1,5 +1,6 @@
 """The saliency stage end to end on a tiny prepared dir with object masks, checked against
-stages.attribution recomputed here, captum (test-only oracle) and hand-computed baselines."""
+cnnlens.attribution recomputed here, captum (test-only oracle) and hand-computed baselines."""
+
 from __future__ import annotations
 
 import json
@@ -8,18 +9,27 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_prepared, make_weights_dir, run_stage, write_params
-from stages import attribution as A
+
+from cnnlens import attribution as A
+from cnnlens.cli import run_main
+from cnnlens.model import build_model, load_checkpoint, save_checkpoint
+from cnnlens.tensors import eval_inputs, load_split, select_images
 from stages import saliency as stage
-from stages.data import eval_inputs, load_split, select_images
-from stages.fileio import run_main
-from stages.model import build_model, load_checkpoint, save_checkpoint
 
 CROP, SIDE = 48, 56  # 48 px: Grad-CAM's layer4 grid is 2 x 2 (at 32 px it is 1 x 1, a constant map)
 METHODS = ["gradient", "smoothgrad", "integrated_gradients", "gradcam"]
-SMALL = {"num_images": 3, "quality_images": 6, "smoothgrad_samples": 2, "ig_steps": 4, "quality_steps": 4,
-         "bootstrap": 50, "batch_size": 8, "device": "cpu", "methods": METHODS}
+SMALL = {
+    "num_images": 3,
+    "quality_images": 6,
+    "smoothgrad_samples": 2,
+    "ig_steps": 4,
+    "quality_steps": 4,
+    "bootstrap": 50,
+    "batch_size": 8,
+    "device": "cpu",
+    "methods": METHODS,
+}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest on a busy 2-core machine
 
 
@@ -37,15 +47,34 @@ def project(tmp_path_factory):
     prepared = make_prepared(root / "prepared", n_train=4, n_val=8, size=SIDE, masks=True)
     weights = make_weights_dir(root / "weights")
     torch.manual_seed(1)
-    meta = {"arch": "resnet18", "classes": ["ants", "bees"], "input_size": CROP, "loss": "cross_entropy",
-            "mode": "finetune", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    meta = {
+        "arch": "resnet18",
+        "classes": ["ants", "bees"],
+        "input_size": CROP,
+        "loss": "cross_entropy",
+        "mode": "finetune",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
     save_checkpoint(root / "models", build_model("resnet18", 2), meta)
     return {"root": root, "prepared": prepared, "weights": weights, "models": root / "models"}
 
 
 def args(project, out, params):
-    return ["--data", project["prepared"], "--model", project["models"], "--weights", project["weights"],
-            "--metrics", out / "metrics" / "saliency.json", "--out", out / "plots" / "saliency", "--params", params]
+    return [
+        "--data",
+        project["prepared"],
+        "--model",
+        project["models"],
+        "--weights",
+        project["weights"],
+        "--metrics",
+        out / "metrics" / "saliency.json",
+        "--out",
+        out / "plots" / "saliency",
+        "--params",
+        params,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +83,11 @@ def full_run(project, tmp_path_factory):
     params = write_params(out / "params.yaml", {"saliency": SMALL})
     done = run_stage("saliency", *args(project, out, params), env=ONE_THREAD, timeout=300)
     assert done.returncode == 0, done.stderr
-    return {"out": out / "plots" / "saliency", "metrics": json.loads((out / "metrics" / "saliency.json").read_text()),
-            "stderr": done.stderr}
+    return {
+        "out": out / "plots" / "saliency",
+        "metrics": json.loads((out / "metrics" / "saliency.json").read_text()),
+        "stderr": done.stderr,
+    }
 
 
 def test_every_declared_output_exists(full_run, project):
@@ -65,7 +97,9 @@ def test_every_declared_output_exists(full_run, project):
         assert (out / "figures" / f"{name}.png").stat().st_size > 0
         assert (out / "arrays" / f"{name}.npz").exists()
         for path in chosen.paths:
-            assert (out / "figures" / name / (path.split("/")[-1].rsplit(".", 1)[0] + ".png")).stat().st_size > 0
+            assert (
+                out / "figures" / name / (path.split("/")[-1].rsplit(".", 1)[0] + ".png")
+            ).stat().st_size > 0
     for name in ("figures/before_after.png", "figures/randomization.png", "randomization.csv", "quality.csv"):
         assert (out / name).stat().st_size > 0
     # figures/ holds images only: dvc.yaml declares the folder as one image plot
@@ -97,7 +131,11 @@ def test_npz_holds_raw_maps_equal_to_gradient_and_captum(full_run, project):
 
 def test_metrics_cover_methods_and_baselines_with_intervals(full_run):
     m = full_run["metrics"]
-    assert m["n_images"] == SMALL["num_images"] and m["n_quality_images"] == SMALL["quality_images"] and m["masks"]
+    assert (
+        m["n_images"] == SMALL["num_images"]
+        and m["n_quality_images"] == SMALL["quality_images"]
+        and m["masks"]
+    )
     table = pd.read_csv(full_run["out"] / "quality.csv")
     for name in METHODS + ["random", "center"]:
         for metric in ("deletion_auc", "insertion_auc", "pointing_game", "mass_inside"):
@@ -106,8 +144,10 @@ def test_metrics_cover_methods_and_baselines_with_intervals(full_run):
             assert ci["low"] <= ci["mean"] <= ci["high"]
             row = table[(table.method == name) & (table.metric == metric)]
             assert row[["mean", "low", "high"]].values.tolist() == [[ci["mean"], ci["low"], ci["high"]]]
-        assert m[name]["metric_passes"]["deletion_insertion"] == {"forward": 2 * (SMALL["quality_steps"] + 1),
-                                                                  "backward": 0}
+        assert m[name]["metric_passes"]["deletion_insertion"] == {
+            "forward": 2 * (SMALL["quality_steps"] + 1),
+            "backward": 0,
+        }
     for name, passes in (("gradient", 1), ("smoothgrad", 2), ("integrated_gradients", 4), ("gradcam", 1)):
         assert (m[name]["passes"]["forward"], m[name]["passes"]["backward"]) == (passes, passes)
         assert m[name]["seconds_per_image"] > 0
@@ -116,7 +156,7 @@ def test_metrics_cover_methods_and_baselines_with_intervals(full_run):
     # 48 px crop) holds the centre, so the centre prior always points inside; uniform noise puts about
     # the mask's share of the area inside it
     assert m["center"]["pointing_game"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 6}
-    assert m["random"]["mass_inside"]["mean"] == pytest.approx((SIDE // 2) ** 2 / CROP ** 2, abs=0.03)
+    assert m["random"]["mass_inside"]["mean"] == pytest.approx((SIDE // 2) ** 2 / CROP**2, abs=0.03)
 
 
 def test_randomization_runs_for_one_pass_methods_on_cpu_and_says_which_it_skipped(full_run):
@@ -133,10 +173,23 @@ def test_randomization_runs_for_one_pass_methods_on_cpu_and_says_which_it_skippe
 
 def test_explicit_image_list_is_explained_in_its_order(project, tmp_path):
     chosen = ["val/bees/005.png", "val/ants/002.png"]
-    params = write_params(tmp_path / "params.yaml", {"saliency": {
-        **SMALL, "images": chosen, "methods": ["gradcam"], "randomization": False, "before_after": False,
-        "normalize": "percentile", "percentile": 95.0}})
-    run_main(stage.main, [str(a) for a in args(project, tmp_path, params)])  # in this process: no second start-up
+    params = write_params(
+        tmp_path / "params.yaml",
+        {
+            "saliency": {
+                **SMALL,
+                "images": chosen,
+                "methods": ["gradcam"],
+                "randomization": False,
+                "before_after": False,
+                "normalize": "percentile",
+                "percentile": 95.0,
+            }
+        },
+    )
+    run_main(
+        stage.main, [str(a) for a in args(project, tmp_path, params)]
+    )  # in this process: no second start-up
     out = tmp_path / "plots" / "saliency"
     z = np.load(out / "arrays" / "gradcam.npz")
     assert z["paths"].tolist() == chosen and z["maps"].shape == (2, 1, CROP, CROP)

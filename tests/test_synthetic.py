@@ -1,12 +1,13 @@
 """The synthetic ants/bees generator: seeded, exact masks, and no colour shortcut."""
+
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from stages import synthetic
-from stages.params import SyntheticParams
+from cnnlens import synthetic
+from cnnlens.config import SyntheticParams
 
 SIZE = 64  # small images keep the file fast; the drawing code is the same at every size
 
@@ -48,8 +49,12 @@ def test_counts_order_and_types_are_as_asked():
     assert counts == {"train": {"ants": 3, "bees": 5}, "val": {"ants": 2, "bees": 1}}
     samples = _samples(counts, size=params.image_size)
     got = [(s.split, s.class_name, s.index) for s in samples]
-    want = [(split, cls, i) for split in ("train", "val") for cls in ("ants", "bees")
-            for i in range(counts[split][cls])]
+    want = [
+        (split, cls, i)
+        for split in ("train", "val")
+        for cls in ("ants", "bees")
+        for i in range(counts[split][cls])
+    ]
     assert got == want
     for s in samples:
         assert isinstance(s.image, Image.Image) and s.image.mode == "RGB" and s.image.size == (48, 48)
@@ -73,8 +78,9 @@ def test_bad_arguments_are_rejected():
 def test_mask_is_exactly_the_pixels_the_insect_changed(class_name, size):
     for i in range(8):
         image, mask, box = synthetic.render(np.random.default_rng([3, i]), class_name, size)
-        bg, bg_mask, bg_box = synthetic.render(np.random.default_rng([3, i]), class_name, size,
-                                               draw_object=False)
+        bg, bg_mask, bg_box = synthetic.render(
+            np.random.default_rng([3, i]), class_name, size, draw_object=False
+        )
         assert np.array_equal(mask, bg_mask) and box == bg_box
         diff = np.abs(np.asarray(image, np.int16) - np.asarray(bg, np.int16)).max(axis=2)
         assert diff[~mask].max() == 0, "a pixel outside the mask was changed by the insect"

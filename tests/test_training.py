@@ -1,15 +1,17 @@
 """finetune: every loss in both modes learns a trivially separable set; determinism; checkpoints."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import TINY_TRAIN, make_prepared, make_weights_dir, run_stage, write_params
-from stages.data import load_split, random_resized_crop
-from stages.fileio import StageError
-from stages.model import build_model, load_backbone, load_checkpoint, save_checkpoint
-from stages.params import LOSSES, TrainParams
-from stages.training import LOSSES as LOSS_FNS, configure, probabilities, train
+
+from cnnlens.cli import StageError
+from cnnlens.config import TrainParams
+from cnnlens.losses import LOSSES as LOSS_REGISTRY
+from cnnlens.model import build_model, load_backbone, load_checkpoint, probabilities, save_checkpoint
+from cnnlens.tensors import load_split, random_resized_crop
+from cnnlens.training import configure, train
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +20,26 @@ def prepared(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["finetune", "feature_extractor"])
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", LOSS_REGISTRY)
 def test_every_loss_and_mode_learns(prepared, loss, mode):
     # 30 SGD steps: enough for BatchNorm running statistics to settle after random init
-    tp = TrainParams(**{**TINY_TRAIN, "loss": loss, "mode": mode, "epochs": 5, "batch_size": 4, "step_size": 4,
-                        "lr": 0.01 if mode == "finetune" else 0.2})
+    tp = TrainParams(
+        **{
+            **TINY_TRAIN,
+            "loss": loss,
+            "mode": mode,
+            "epochs": 5,
+            "batch_size": 4,
+            "step_size": 4,
+            "lr": 0.01 if mode == "finetune" else 0.2,
+        }
+    )
     configure(tp, torch.device("cpu"), 0)
     model = build_model("resnet18", 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    history = train(model, load_split(prepared, "train"), load_split(prepared, "val"), tp, torch.device("cpu"), 0)
+    history = train(
+        model, load_split(prepared, "train"), load_split(prepared, "val"), tp, torch.device("cpu"), 0
+    )
     assert history.best_val_acc == 1.0, history.epochs
     # augmentation makes the train loss noisy from epoch to epoch; it must still come down
     assert min(e["train_loss"] for e in history.epochs[1:]) < history.epochs[0]["train_loss"]
@@ -40,19 +53,19 @@ def test_every_loss_and_mode_learns(prepared, loss, mode):
 def test_losses_against_hand_computed_values():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     labels = torch.tensor([0, 0])
-    ce = -(torch.log(torch.tensor(1 / (1 + torch.e ** -2))) + torch.log(torch.tensor(1 / (1 + torch.e)))) / 2
+    ce = -(torch.log(torch.tensor(1 / (1 + torch.e**-2))) + torch.log(torch.tensor(1 / (1 + torch.e)))) / 2
     tp = TrainParams()
-    assert torch.isclose(LOSS_FNS["cross_entropy"](logits, labels, tp), ce)
+    assert torch.isclose(LOSS_REGISTRY["cross_entropy"].fn(logits, labels, tp), ce)
     # focal with gamma 0 is cross-entropy; with gamma 2 each term is scaled by (1-p)^2
-    assert torch.isclose(LOSS_FNS["focal"](logits, labels, TrainParams(focal_gamma=0.0)), ce)
+    assert torch.isclose(LOSS_REGISTRY["focal"].fn(logits, labels, TrainParams(focal_gamma=0.0)), ce)
     p = torch.softmax(logits, 1)[:, 0]
-    assert torch.isclose(LOSS_FNS["focal"](logits, labels, tp), (-(1 - p) ** 2 * p.log()).mean())
+    assert torch.isclose(LOSS_REGISTRY["focal"].fn(logits, labels, tp), (-((1 - p) ** 2) * p.log()).mean())
     # bce: sigmoid of every logit against one-hot targets [[1,0],[1,0]]
     s = torch.sigmoid(logits)
     bce = -(torch.log(s[0, 0]) + torch.log(1 - s[0, 1]) + torch.log(s[1, 0]) + torch.log(1 - s[1, 1])) / 4
-    assert torch.isclose(LOSS_FNS["bce_with_logits"](logits, labels, tp), bce)
+    assert torch.isclose(LOSS_REGISTRY["bce_with_logits"].fn(logits, labels, tp), bce)
     # hinge: sum over wrong classes of max(0, 1 - (x_y - x_j)) / C
-    assert torch.isclose(LOSS_FNS["multi_margin"](logits, labels, tp), torch.tensor((0 + 2 / 2) / 2))
+    assert torch.isclose(LOSS_REGISTRY["multi_margin"].fn(logits, labels, tp), torch.tensor((0 + 2 / 2) / 2))
     pb = probabilities(logits, "bce_with_logits")
     assert torch.allclose(pb.sum(1), torch.ones(2)) and torch.allclose(pb[0, 0], s[0, 0] / s[0].sum())
 
@@ -60,19 +73,36 @@ def test_losses_against_hand_computed_values():
 def test_random_resized_crop_full_box_is_identity_and_flip_mirrors():
     img = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
     same = random_resized_crop(img, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
-    from stages.data import normalize
+    from cnnlens.tensors import normalize
+
     assert torch.allclose(same, normalize(img), atol=1e-5)
     g = torch.Generator().manual_seed(0)
-    flips = [random_resized_crop(img[:1], 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=g) for _ in range(8)]
+    flips = [
+        random_resized_crop(img[:1], 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=g) for _ in range(8)
+    ]
     mirrored = [torch.allclose(f, normalize(img[:1]).flip(-1), atol=1e-5) for f in flips]
     assert any(mirrored) and not all(mirrored)
 
 
 def finetune(tmp_path, prepared, name, **train):
-    params = write_params(tmp_path / f"{name}.yaml", {"train": {**TINY_TRAIN, **train}, "model": {"weights": "none"}})
-    return run_stage("finetune", "--data", prepared, "--weights", make_weights_dir(tmp_path / "w"),
-                     "--model", tmp_path / name / "models", "--metrics", tmp_path / name / "train.json",
-                     "--live", tmp_path / name / "live", "--params", params)
+    params = write_params(
+        tmp_path / f"{name}.yaml", {"train": {**TINY_TRAIN, **train}, "model": {"weights": "none"}}
+    )
+    return run_stage(
+        "finetune",
+        "--data",
+        prepared,
+        "--weights",
+        make_weights_dir(tmp_path / "w"),
+        "--model",
+        tmp_path / name / "models",
+        "--metrics",
+        tmp_path / name / "train.json",
+        "--live",
+        tmp_path / name / "live",
+        "--params",
+        params,
+    )
 
 
 def test_stage_outputs_and_cpu_determinism(tmp_path, prepared):
@@ -102,7 +132,9 @@ def test_stage_outputs_and_cpu_determinism(tmp_path, prepared):
 def test_cache_features_needs_frozen_unaugmented(tmp_path, prepared):
     proc = finetune(tmp_path, prepared, "c", cache_features=True)
     assert proc.returncode == 2 and "cache_features" in proc.stderr
-    proc = finetune(tmp_path, prepared, "d", cache_features=True, mode="feature_extractor", augment=False, lr=0.5)
+    proc = finetune(
+        tmp_path, prepared, "d", cache_features=True, mode="feature_extractor", augment=False, lr=0.5
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "d" / "train.json").read_text())["best_val_acc"] == 1.0
 

@@ -1,9 +1,10 @@
-"""Disk helpers shared by all stages: atomic writes, JSON, clear errors, the stage entry point.
+"""Disk helpers shared by all stages: atomic writes, JSON, checksums, safe torch loads.
 
 Every output a stage declares in dvc.yaml is written to a temporary sibling first and renamed
 into place only when complete, so a killed stage never leaves a half-written file that DVC
 could cache as done.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,22 +12,11 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-
-class StageError(Exception):
-    """A failure with a message meant for the user (what, where, how to fix). Exit code 1."""
-
-    exit_code = 1
-
-
-class ParamsError(StageError):
-    """A bad value in params.yaml. Exit code 2."""
-
-    exit_code = 2
+from cnnlens.cli import StageError
 
 
 @contextlib.contextmanager
@@ -106,22 +96,13 @@ def load_torch(path: str | os.PathLike, what: str = "file"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise StageError(f"{path}: cannot load {what} ({type(exc).__name__}: {exc}); "
-                         "delete it and rerun the stage that writes it") from exc
+        raise StageError(
+            f"{path}: cannot load {what} ({type(exc).__name__}: {exc}); "
+            "delete it and rerun the stage that writes it"
+        ) from exc
 
 
-def log(msg: str) -> None:
-    """Summaries and progress notes go to stderr, stdout stays free for data."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a stage's main(); a StageError becomes one clear line on stderr and its exit code."""
-    try:
-        main(argv)
-    except StageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+def unique_stems(paths: list[str]) -> list[str]:
+    """One file or folder name per manifest path: its stem, or the whole path when two stems collide."""
+    stems = [Path(p).stem for p in paths]
+    return [s if stems.count(s) == 1 else p.replace("/", "_").rsplit(".", 1)[0] for s, p in zip(stems, paths)]

@@ -1,4 +1,5 @@
 """Matplotlib figures. Functions return figures; stages save them with save_figure."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ matplotlib.use("Agg")  # headless: stages run under DVC, CI and on GPU machines 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stages.fileio import atomic_path  # noqa: E402
+from cnnlens.files import atomic_path  # noqa: E402
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
@@ -19,14 +20,21 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
     plt.close(fig)
 
 
-def image_grid(images: list[np.ndarray], titles: list[str], cols: int = 4, size: float = 2.6,
-               suptitle: str = "", title_colors: list[str] | None = None):
+def image_grid(
+    images: list[np.ndarray],
+    titles: list[str],
+    cols: int = 4,
+    size: float = 2.6,
+    suptitle: str = "",
+    title_colors: list[str] | None = None,
+):
     """H x W x 3 float [0,1] (or H x W) images in a grid with one title each."""
     n = max(len(images), 1)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size + (0.4 if suptitle else 0)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cols * size, rows * size + (0.4 if suptitle else 0)), squeeze=False
+    )
     for ax in axes.ravel():
         ax.axis("off")
     for i, (img, title) in enumerate(zip(images, titles)):
@@ -47,8 +55,15 @@ def chw_to_hwc(x) -> np.ndarray:
     return np.clip(arr.transpose(1, 2, 0), 0, 1)
 
 
-def feature_maps_figure(image: np.ndarray, maps: np.ndarray, labels: list[str], suptitle: str = "",
-                        image_label: str = "input image", cols: int | None = None, size: float = 1.5):
+def feature_maps_figure(
+    image: np.ndarray,
+    maps: np.ndarray,
+    labels: list[str],
+    suptitle: str = "",
+    image_label: str = "input image",
+    cols: int | None = None,
+    size: float = 1.5,
+):
     """The input image (H x W x 3 in [0,1]) as the first panel, then K feature maps (K x h x w,
     each already scaled to [0,1]) with one label each and one colour bar explaining the scale.
     Default columns: a near-square grid, at most 10 wide (65 panels: 9 x 8)."""
@@ -59,8 +74,14 @@ def feature_maps_figure(image: np.ndarray, maps: np.ndarray, labels: list[str], 
     width, height = cols * size + right + pad, rows * size * 1.15 + top + pad
     fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
     # fixed margins instead of a layout engine: with 65 panels constrained layout triples the time
-    fig.subplots_adjust(left=pad / width, right=1 - right / width, bottom=pad / height, top=1 - top / height,
-                        wspace=0.08, hspace=0.35)
+    fig.subplots_adjust(
+        left=pad / width,
+        right=1 - right / width,
+        bottom=pad / height,
+        top=1 - top / height,
+        wspace=0.08,
+        hspace=0.35,
+    )
     for ax in axes.ravel():
         ax.set_xticks([])  # hidden ticks are still laid out on every draw: dropping them halves the time
         ax.set_yticks([])
@@ -135,15 +156,30 @@ def _panels(rows: int, cols: int, size: float, title_h: float, top: float, bar: 
     axes = np.empty((rows, cols), dtype=object)
     for r in range(rows):
         for c in range(cols):
-            ax = fig.add_axes(((pad + c * (size + gap)) / width,
-                               (height - top - (r + 1) * (size + title_h) + title_h * 0) / height,
-                               size / width, size / height))
+            ax = fig.add_axes(
+                (
+                    (pad + c * (size + gap)) / width,
+                    (height - top - (r + 1) * (size + title_h) + title_h * 0) / height,
+                    size / width,
+                    size / height,
+                )
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             axes[r, c] = ax
     bar_h = min(rows * (size + title_h) - title_h, 3.0)
-    bar_ax = fig.add_axes(((width - right + 0.15) / width, (pad + (rows * (size + title_h) - title_h - bar_h) / 2) / height,
-                           0.14 / width, bar_h / height)) if bar else None
+    bar_ax = (
+        fig.add_axes(
+            (
+                (width - right + 0.15) / width,
+                (pad + (rows * (size + title_h) - title_h - bar_h) / 2) / height,
+                0.14 / width,
+                bar_h / height,
+            )
+        )
+        if bar
+        else None
+    )
     return fig, axes, bar_ax
 
 
@@ -153,8 +189,16 @@ def _heat_colorbar(fig, shown, bar_ax, scale: str):
     bar.set_label(f"saliency ({scale})", fontsize=7)
 
 
-def saliency_figure(image: np.ndarray, channel_maps: np.ndarray, combined: np.ndarray, title: str,
-                    method: str, scale: str, size: float = 2.0, map_note: str = "one value per pixel"):
+def saliency_figure(
+    image: np.ndarray,
+    channel_maps: np.ndarray,
+    combined: np.ndarray,
+    title: str,
+    method: str,
+    scale: str,
+    size: float = 2.0,
+    map_note: str = "one value per pixel",
+):
     """One image explained by one method, panels left to right: the input; with 3 channel maps
     (3 x H x W in [0,1], one scale shared by R, G and B) a panel per channel and the combined map
     (H x W, max over channels); with 1 channel (Grad-CAM) the map, `map_note` under its title;
@@ -176,17 +220,31 @@ def saliency_figure(image: np.ndarray, channel_maps: np.ndarray, combined: np.nd
     return fig
 
 
-def saliency_rows_figure(images: list[np.ndarray], columns: list[tuple], row_titles: list[str],
-                         suptitle: str, scale: str, size: float = 1.8):
+def saliency_rows_figure(
+    images: list[np.ndarray],
+    columns: list[tuple],
+    row_titles: list[str],
+    suptitle: str,
+    scale: str,
+    size: float = 1.8,
+):
     """One row per image: the input (titled with row_titles[i]), then one panel per column.
 
     columns: (header, maps N x H x W in [0,1], overlay: bool, cell_titles: list[str] | None);
     an overlay column paints the map over the input, else the map is shown on its own.
     """
     n = max(len(images), 1)
-    title_lines = 1 + max([r.count("\n") + 1 for r in row_titles] + [h.count("\n") + 1 + (c is not None) for h, _, _, c in columns])
-    fig, axes, bar_ax = _panels(n, 1 + len(columns), size, title_h=0.13 * title_lines + 0.05,
-                                top=0.12 + 0.17 * (suptitle.count("\n") + 1))
+    title_lines = 1 + max(
+        [r.count("\n") + 1 for r in row_titles]
+        + [h.count("\n") + 1 + (c is not None) for h, _, _, c in columns]
+    )
+    fig, axes, bar_ax = _panels(
+        n,
+        1 + len(columns),
+        size,
+        title_h=0.13 * title_lines + 0.05,
+        top=0.12 + 0.17 * (suptitle.count("\n") + 1),
+    )
     shown = None
     for i in range(len(images)):
         axes[i, 0].imshow(images[i])
@@ -219,6 +277,7 @@ def randomization_figure(curves: dict[str, list[tuple[str, float]]], title: str 
     ax.set_xlabel("re-initialised so far (cumulative, from the output layer down to the input)")
     ax.set_ylabel("Spearman rho with the trained\nmodel's map (mean over images)")
     ax.legend(fontsize=8)
-    ax.set_title(title or "Model-randomisation check: a map that explains the model should fall towards 0",
-                 fontsize=9)
+    ax.set_title(
+        title or "Model-randomisation check: a map that explains the model should fall towards 0", fontsize=9
+    )
     return fig

@@ -6,6 +6,7 @@ For MobileNet / EfficientNet the same names are mapped onto `features.N` blocks 
 (their blocks end in Hardswish / SiLU or no activation at all, so sparsity is not comparable).
 Tensors in, tensors or dicts out; nothing here touches the disk.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,18 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from stages.fileio import StageError
+from cnnlens.cli import StageError
 
-RESNET_LAYERS = {"stem": "maxpool", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
+# The layers one can hook, one registry (config validates activations.layers against it): stage name ->
+# ResNet module.
+RESNET_LAYERS = {
+    "stem": "maxpool",
+    "layer1": "layer1",
+    "layer2": "layer2",
+    "layer3": "layer3",
+    "layer4": "layer4",
+}
+LAYERS = tuple(RESNET_LAYERS)
 
 
 def available_layers(model: nn.Module, input_size: int = 224) -> dict[str, str]:
@@ -31,9 +41,11 @@ def available_layers(model: nn.Module, input_size: int = 224) -> dict[str, str]:
         return {k: v for k, v in RESNET_LAYERS.items() if v in children}
     features = children.get("features")
     if not isinstance(features, nn.Sequential) or len(features) == 0:
-        raise StageError(f"{type(model).__name__}: cannot tell where its stem and layer1..layer4 are; "
-                         "the activations stage supports ResNets and models with a `features` Sequential "
-                         "(MobileNet, EfficientNet)")
+        raise StageError(
+            f"{type(model).__name__}: cannot tell where its stem and layer1..layer4 are; "
+            "the activations stage supports ResNets and models with a `features` Sequential "
+            "(MobileNet, EfficientNet)"
+        )
     param = next(model.parameters(), None)
     x = torch.zeros(1, 3, input_size, input_size, device=param.device if param is not None else "cpu")
     was_training = model.training
@@ -58,8 +70,10 @@ def resolve_layers(model: nn.Module, names: list[str], input_size: int = 224) ->
     available = available_layers(model, input_size)
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise StageError(f"layer(s) {', '.join(map(repr, unknown))} not available in {type(model).__name__}; "
-                         f"available: {', '.join(available)} (set activations.layers in params.yaml)")
+        raise StageError(
+            f"layer(s) {', '.join(map(repr, unknown))} not available in {type(model).__name__}; "
+            f"available: {', '.join(available)} (set activations.layers in params.yaml)"
+        )
     if not names:
         raise StageError(f"activations.layers is empty; choose from: {', '.join(available)}")
     return {n: model.get_submodule(available[n]) for n in names}
@@ -73,8 +87,11 @@ def capture(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
     handles = []
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(
-                lambda _m, _inp, out, name=name: store.__setitem__(name, out.detach())))
+            handles.append(
+                module.register_forward_hook(
+                    lambda _m, _inp, out, name=name: store.__setitem__(name, out.detach())
+                )
+            )
         yield store
     finally:
         for handle in handles:
@@ -87,15 +104,6 @@ def top_maps(act: Tensor, k: int) -> tuple[Tensor, Tensor]:
     means = act.flatten(1).float().mean(1)
     order = torch.argsort(means, descending=True, stable=True)[: min(k, act.shape[0])]
     return order, means[order]
-
-
-def minmax_per_map(maps: Tensor) -> Tensor:
-    """Scale each map (K x H x W) to [0, 1] on its own; a constant map becomes all zeros, not NaN."""
-    flat = maps.flatten(1).float()
-    lo = flat.min(1, keepdim=True).values
-    span = flat.max(1, keepdim=True).values - lo
-    scaled = (flat - lo) / torch.where(span > 0, span, torch.ones_like(span))
-    return scaled.view_as(maps)
 
 
 class LayerStats:
@@ -130,12 +138,20 @@ class LayerStats:
         mean = self.total / self.count
         var = max(self.total_sq / self.count - mean * mean, 0.0)  # rounding can make it a hair below 0
         channels, height, width = self.shape
-        return {"sparsity": self.zeros / self.count, "mean": mean, "std": var ** 0.5,
-                "channels": channels, "height": height, "width": width,
-                "dead_channels": int((~self.fired).sum())}
+        return {
+            "sparsity": self.zeros / self.count,
+            "mean": mean,
+            "std": var**0.5,
+            "channels": channels,
+            "height": height,
+            "width": width,
+            "dead_channels": int((~self.fired).sum()),
+        }
 
 
-def layer_statistics(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[Tensor]) -> dict[str, dict]:
+def layer_statistics(
+    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[Tensor]
+) -> dict[str, dict]:
     """Per layer: sparsity (fraction of exact zeros), mean, std, channels, height, width and
     dead_channels (channels that are zero for every image), over all model-ready `batches`."""
     stats = {name: LayerStats() for name in modules}

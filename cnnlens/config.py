@@ -4,9 +4,11 @@ Each section of params.yaml is one dataclass below; each field's metadata says w
 A wrong type, a value out of range, an unknown choice or an unknown key (a typo) raises
 ParamsError (exit code 2) naming the key, the bad value and what is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,12 +16,22 @@ from pathlib import Path
 
 import yaml
 
-from stages.fileio import ParamsError
+from cnnlens.cli import ParamsError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
-LOSSES = ("cross_entropy", "bce_with_logits", "focal", "multi_margin")
-METHODS = ("gradient", "smoothgrad", "integrated_gradients", "gradcam")
-LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
+# Choices that a library registry owns: field metadata names the registry, _check reads it. Imported
+# when a file is validated, not when this module is, so that a stage's code deps (dvc.yaml) stay the
+# modules its results come from: a new saliency method must not rerun download.
+REGISTRIES = {
+    "archs": ("cnnlens.model", "ARCHS"),
+    "losses": ("cnnlens.losses", "LOSSES"),
+    "methods": ("cnnlens.attribution", "METHODS"),
+    "layers": ("cnnlens.hooks", "LAYERS"),
+}
+
+
+def registry_choices(name: str) -> tuple[str, ...]:
+    module, attr = REGISTRIES[name]
+    return tuple(getattr(importlib.import_module(module), attr))
 
 
 def _f(default, *, choices=None, min=None, max=None, doc=""):
@@ -41,7 +53,9 @@ class SyntheticParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    source: str = _f("hymenoptera", doc="hymenoptera | synthetic | http(s) URL | local .zip | local ImageFolder dir")
+    source: str = _f(
+        "hymenoptera", doc="hymenoptera | synthetic | http(s) URL | local .zip | local ImageFolder dir"
+    )
     sha256: str | None = _f(None, doc="expected SHA-256 of a downloaded or local archive; null: record it")
     timeout: float = _f(30.0, min=1.0, doc="connect/read timeout in seconds")
     retries: int = _f(3, min=0, max=10)
@@ -51,7 +65,7 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    arch: str = _f("resnet18", choices=ARCHS)
+    arch: str = _f("resnet18", choices="archs")
     weights: str = _f("IMAGENET1K_V1", doc="IMAGENET1K_V1 | none | path to a state_dict file")
 
 
@@ -66,7 +80,7 @@ class PrepareParams:
 @dataclass(frozen=True)
 class TrainParams:
     mode: str = _f("finetune", choices=("finetune", "feature_extractor"))
-    loss: str = _f("cross_entropy", choices=LOSSES)
+    loss: str = _f("cross_entropy", choices="losses")
     label_smoothing: float = _f(0.0, min=0.0, max=0.99)
     focal_gamma: float = _f(2.0, min=0.0, max=10.0)
     epochs: int = _f(25, min=1, max=10_000)
@@ -83,7 +97,9 @@ class TrainParams:
     device: str = _f("auto", choices=("auto", "cpu", "cuda", "mps"))
     amp: bool = _f(True, doc="bf16 autocast and channels_last on CUDA")
     deterministic: bool = _f(False, doc="CUDA determinism flags (slower)")
-    cache_features: bool = _f(False, doc="feature_extractor without augmentation: run the frozen backbone once")
+    cache_features: bool = _f(
+        False, doc="feature_extractor without augmentation: run the frozen backbone once"
+    )
     compile: bool = _f(False, doc="torch.compile the model (CUDA)")
     threads: int = _f(0, min=0, doc="CPU threads; 0: torch's default")
 
@@ -98,7 +114,7 @@ class EvaluateParams:
 class SaliencyParams:
     num_images: int = _f(8, min=1, max=10_000, doc="val images explained, chosen deterministically")
     images: list = _f([], doc="explicit manifest paths; overrides num_images when not empty")
-    methods: list = _f(["gradient", "smoothgrad", "integrated_gradients", "gradcam"], choices=METHODS)
+    methods: list = _f(["gradient", "smoothgrad", "integrated_gradients", "gradcam"], choices="methods")
     normalize: str = _f("minmax", choices=("minmax", "percentile"))
     percentile: float = _f(99.0, min=50.0, max=100.0)
     smoothgrad_sigma: float = _f(0.15, min=0.0, max=1.0, doc="noise std as a fraction of the input range")
@@ -117,7 +133,7 @@ class SaliencyParams:
 class ActivationsParams:
     images: list = _f([], doc="manifest paths; empty: the first num_images val images")
     num_images: int = _f(2, min=1, max=1000)
-    layers: list = _f(list(LAYERS), choices=LAYERS)
+    layers: list = _f(["stem", "layer1", "layer2", "layer3", "layer4"], choices="layers")
     max_maps: int = _f(64, min=1, max=4096, doc="top-k maps by mean activation per grid")
     batch_size: int = _f(32, min=1, max=4096)
     device: str = _f("auto", choices=("auto", "cpu", "cuda", "mps"))
@@ -157,8 +173,9 @@ def _build(cls, raw, prefix: str, source: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ParamsError(f"{source}: unknown key {prefix}{unknown[0]}; allowed keys in {where}: "
-                          f"{', '.join(fields)}")
+        raise ParamsError(
+            f"{source}: unknown key {prefix}{unknown[0]}; allowed keys in {where}: {', '.join(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in raw.items():
@@ -182,6 +199,8 @@ def _check(key, value, hint, meta, source):
             return None
         fail(f"a value of type {base.__name__}")
     choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
+    if isinstance(choices, str):
+        choices = registry_choices(choices)
     if base is bool:
         if not isinstance(value, bool):
             fail("true or false")
@@ -201,8 +220,9 @@ def _check(key, value, hint, meta, source):
         if choices:
             for item in value:
                 if item not in choices:
-                    raise ParamsError(f"{source}: {key} contains unknown choice {item!r}; "
-                                      f"allowed: {', '.join(choices)}")
+                    raise ParamsError(
+                        f"{source}: {key} contains unknown choice {item!r}; allowed: {', '.join(choices)}"
+                    )
             if len(set(value)) != len(value):
                 fail("a list without repeats")
         return list(value)
@@ -221,18 +241,6 @@ def _range(lo, hi) -> str:
     if hi is not None:
         return f", at most {hi}"
     return ""
-
-
-def stage_args(doc: str, path_flags: tuple[str, ...], argv=None):
-    """The command line every stage shares: its paths (from dvc.yaml) and --params. Returns (args, Params)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag in path_flags:
-        ap.add_argument(flag, type=Path, required=True)
-    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    args = ap.parse_args(argv)
-    return args, load_params(args.params)
 
 
 def to_dict(params) -> dict:
@@ -260,20 +268,23 @@ def merge(base: dict, overrides: dict) -> dict:
     """Recursively apply `overrides` onto `base` (both plain dicts from YAML)."""
     out = dict(base)
     for key, value in (overrides or {}).items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
 def _cli(argv=None) -> None:
-    """`python -m stages.params merge BASE OVERRIDES [-o OUT]`: write a validated merged params file
-    (used by `make demo` and the tests); `python -m stages.params check [FILE]`: validate only."""
+    """`python -m cnnlens.config merge BASE OVERRIDES [-o OUT]`: write a validated merged params file
+    (used by `make demo` and the tests); `python -m cnnlens.config check [FILE]`: validate only."""
     import argparse
     import sys
 
-    from stages.fileio import run_main, write_text
+    from cnnlens.cli import run_main
+    from cnnlens.files import write_text
 
     def main(argv):
-        ap = argparse.ArgumentParser(prog="python -m stages.params")
+        ap = argparse.ArgumentParser(prog="python -m cnnlens.config")
         sub = ap.add_subparsers(dest="cmd", required=True)
         m = sub.add_parser("merge")
         m.add_argument("base")
@@ -286,8 +297,10 @@ def _cli(argv=None) -> None:
             load_params(args.file)
             print(f"{args.file}: ok", file=sys.stderr)
             return
-        merged = merge(yaml.safe_load(Path(args.base).read_text()) or {},
-                       yaml.safe_load(Path(args.overrides).read_text()) or {})
+        merged = merge(
+            yaml.safe_load(Path(args.base).read_text()) or {},
+            yaml.safe_load(Path(args.overrides).read_text()) or {},
+        )
         parse_params(merged, source=f"{args.base} + {args.overrides}")
         text = yaml.safe_dump(merged, sort_keys=False)
         if args.out:

@@ -11,6 +11,7 @@ Pure library code: nothing here touches the disk (stages/download.py saves what 
 Each sample has its own RNG, seeded by (seed, split, class, index), so a sample does not change
 when the counts of other splits or classes change.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,7 +99,7 @@ def render(rng: np.random.Generator, class_name: str, size: int, *, draw_object:
     # reach up to about 0.62 L from it) stays inside the image, biased towards the middle.
     length = rng.uniform(0.25, 0.6) * size
     reach = 0.62 * length
-    cx, cy = (size / 2 + (rng.random(2) - 0.5) * 0.85 * (size - 2 * reach))
+    cx, cy = size / 2 + (rng.random(2) - 0.5) * 0.85 * (size - 2 * reach)
     angle = rng.uniform(0, 2 * math.pi)
     obj = _Layer(size, centre=(cx, cy), length=length, angle=angle, mirror=rng.random() < 0.5)
     (_ant if class_name == "ants" else _bee)(obj, rng)
@@ -120,6 +121,7 @@ def render(rng: np.random.Generator, class_name: str, size: int, *, draw_object:
 
 
 # --- drawing helpers -------------------------------------------------------------------------
+
 
 class _Layer:
     """A transparent RGBA canvas at SUPERSAMPLE x the output size, drawn in object coordinates.
@@ -198,8 +200,15 @@ def _ant(o: _Layer, rng):
     width = rng.uniform(0.016, 0.024)
     # Elbowed antennae and legs first, body segments over their roots.
     for side in (-1, 1):
-        o.line([(0.38, side * 0.03), (0.47, side * (0.07 + rng.uniform(0, 0.04))),
-                (0.56 + rng.uniform(-0.03, 0.03), side * (0.04 + rng.uniform(0, 0.12)))], c(), width)
+        o.line(
+            [
+                (0.38, side * 0.03),
+                (0.47, side * (0.07 + rng.uniform(0, 0.04))),
+                (0.56 + rng.uniform(-0.03, 0.03), side * (0.04 + rng.uniform(0, 0.12))),
+            ],
+            c(),
+            width,
+        )
     _legs(o, rng, (0.16, 0.1, 0.04), rng.uniform(0.14, 0.2), rng.uniform(0.3, 0.38), c(), width)
     s = rng.uniform(0.85, 1.15)  # gaster size varies between ants
     o.ellipse(-0.27, 0, 0.19 * s, 0.125 * s, c())  # gaster
@@ -255,14 +264,25 @@ def _shape(layer, rng, size):
     if kind == 0:
         w, h = r, r * rng.uniform(0.3, 1)
         corners = [(-w, -h), (w, -h), (w, h), (-w, h)]
-        layer.polygon([(x + px * math.cos(a) - py * math.sin(a), y + px * math.sin(a) + py * math.cos(a))
-                       for px, py in corners], colour)
+        layer.polygon(
+            [
+                (x + px * math.cos(a) - py * math.sin(a), y + px * math.sin(a) + py * math.cos(a))
+                for px, py in corners
+            ],
+            colour,
+        )
     elif kind == 1:
-        layer.polygon([(x + r * math.cos(a + k * 2.1), y + r * math.sin(a + k * 2.1)) for k in range(3)], colour)
+        layer.polygon(
+            [(x + r * math.cos(a + k * 2.1), y + r * math.sin(a + k * 2.1)) for k in range(3)], colour
+        )
     elif kind == 2:
         layer.ellipse(x, y, r, r, colour)
     else:
-        layer.line([(x, y), (x + 2 * r * math.cos(a), y + 2 * r * math.sin(a))], colour, rng.uniform(0.004, 0.012) * size)
+        layer.line(
+            [(x, y), (x + 2 * r * math.cos(a), y + 2 * r * math.sin(a))],
+            colour,
+            rng.uniform(0.004, 0.012) * size,
+        )
 
 
 def _blob(layer, rng, size, colour):
@@ -289,7 +309,8 @@ _PALETTES = [
 _FLOWERS = [(240, 240, 240), (230, 120, 170), (170, 110, 200), (250, 220, 60), (240, 150, 40)]
 
 
-def _background(rng, size) -> Image.Image:
+def _ground(rng, size: int) -> tuple[Image.Image, list]:
+    """The ground: a palette's gradient with soft mottling; returns it and the palette's stroke colours."""
     c1, c2, strokes = _PALETTES[rng.integers(0, len(_PALETTES))]
     c1 = np.array(_jitter(rng, c1, 25)[:3], np.float32)
     c2 = np.array(_jitter(rng, c2, 25)[:3], np.float32)
@@ -298,40 +319,63 @@ def _background(rng, size) -> Image.Image:
     k = int(rng.integers(3, 9))
     mottle = rng.normal(0, rng.uniform(8, 30), (k, k, 1)) + rng.normal(0, 8, (k, k, 3))
     g = 16
-    mottle = np.asarray(Image.fromarray(np.clip(mottle + 128, 0, 255).astype(np.uint8))
-                        .resize((g, g), Image.BICUBIC), np.float32) - 128
+    mottle = (
+        np.asarray(
+            Image.fromarray(np.clip(mottle + 128, 0, 255).astype(np.uint8)).resize((g, g), Image.BICUBIC),
+            np.float32,
+        )
+        - 128
+    )
     a = rng.uniform(0, 2 * math.pi)
     t = np.linspace(-0.5, 0.5, g, dtype=np.float32)
     t = np.clip(math.cos(a) * t[None, :] + math.sin(a) * t[:, None] + 0.5, 0, 1)[..., None]
     coarse = np.clip(c1 * (1 - t) + c2 * t + mottle, 0, 255).astype(np.uint8)
     bg = Image.fromarray(coarse, "RGB").resize((size, size), Image.BICUBIC)
+    return bg, strokes
 
-    draw = ImageDraw.Draw(bg)
-    px = size / 256  # drawing sizes below are given for a 256-pixel image
+
+def _ground_details(draw, rng, size: int, strokes: list, px: float) -> None:
+    """Grass strokes, then leaves and pebbles, in the palette's stroke colours."""
     for _ in range(rng.integers(0, 60)):  # grass strokes, mostly upright
         x, y = rng.uniform(0, size, 2)
         a = -math.pi / 2 + rng.normal(0, 0.5)
         ln = rng.uniform(0.05, 0.3) * size
-        draw.line([(x, y), (x + ln * math.cos(a), y + ln * math.sin(a))],
-                  fill=_jitter(rng, strokes[rng.integers(0, 3)], 20)[:3], width=max(1, round(rng.uniform(1, 4) * px)))
+        draw.line(
+            [(x, y), (x + ln * math.cos(a), y + ln * math.sin(a))],
+            fill=_jitter(rng, strokes[rng.integers(0, 3)], 20)[:3],
+            width=max(1, round(rng.uniform(1, 4) * px)),
+        )
     for _ in range(rng.integers(0, 8)):  # leaves and pebbles
         x, y = rng.uniform(0, size, 2)
         rx = rng.uniform(0.03, 0.12) * size
         ry = rx * rng.uniform(0.3, 0.9)
         rot = rng.uniform(0, math.pi)
         e = np.linspace(0, 2 * math.pi, 20, endpoint=False)
-        pts = np.stack([rx * np.cos(e), ry * np.sin(e)], 1) @ np.array([[math.cos(rot), math.sin(rot)],
-                                                                        [-math.sin(rot), math.cos(rot)]])
+        pts = np.stack([rx * np.cos(e), ry * np.sin(e)], 1) @ np.array(
+            [[math.cos(rot), math.sin(rot)], [-math.sin(rot), math.cos(rot)]]
+        )
         draw.polygon([tuple(p) for p in pts + (x, y)], fill=_jitter(rng, strokes[rng.integers(0, 3)], 30)[:3])
-    if rng.random() < 0.3:  # a few flowers, some with yellow petals or centres
-        for _ in range(rng.integers(1, 6)):
-            x, y = rng.uniform(0, size, 2)
-            r = rng.uniform(0.015, 0.05) * size
-            petal = _jitter(rng, _FLOWERS[rng.integers(0, len(_FLOWERS))], 15)[:3]
-            for k in range(5):
-                a = k * 2 * math.pi / 5
-                px_, py_ = x + r * math.cos(a), y + r * math.sin(a)
-                draw.ellipse([px_ - r * 0.7, py_ - r * 0.7, px_ + r * 0.7, py_ + r * 0.7], fill=petal)
-            draw.ellipse([x - r * 0.5, y - r * 0.5, x + r * 0.5, y + r * 0.5], fill=(235, 190, 40))
+
+
+def _flowers(draw, rng, size: int) -> None:
+    """A few flowers, some with yellow petals or centres."""
+    for _ in range(rng.integers(1, 6)):
+        x, y = rng.uniform(0, size, 2)
+        r = rng.uniform(0.015, 0.05) * size
+        petal = _jitter(rng, _FLOWERS[rng.integers(0, len(_FLOWERS))], 15)[:3]
+        for k in range(5):
+            a = k * 2 * math.pi / 5
+            px_, py_ = x + r * math.cos(a), y + r * math.sin(a)
+            draw.ellipse([px_ - r * 0.7, py_ - r * 0.7, px_ + r * 0.7, py_ + r * 0.7], fill=petal)
+        draw.ellipse([x - r * 0.5, y - r * 0.5, x + r * 0.5, y + r * 0.5], fill=(235, 190, 40))
+
+
+def _background(rng, size) -> Image.Image:
+    bg, strokes = _ground(rng, size)
+    draw = ImageDraw.Draw(bg)
+    px = size / 256  # drawing sizes are given for a 256-pixel image
+    _ground_details(draw, rng, size, strokes, px)
+    if rng.random() < 0.3:
+        _flowers(draw, rng, size)
     bg = bg.filter(ImageFilter.BoxBlur(rng.uniform(0.3, 1.5) * px))  # depth of field
     return bg.convert("RGBA")

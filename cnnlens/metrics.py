@@ -1,22 +1,28 @@
 """Classification metrics from a table of predictions (scikit-learn does the arithmetic)."""
+
 from __future__ import annotations
 
 import numpy as np
 from sklearn import metrics as skm
 
 
-def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str], ece_bins: int = 15) -> dict:
+def classification_metrics(
+    y_true: np.ndarray, proba: np.ndarray, classes: list[str], ece_bins: int = 15
+) -> dict:
     """Flat dict of val metrics; `proba` is N x C, the prediction is its argmax."""
     y_pred = proba.argmax(1)
     labels = list(range(len(classes)))
     precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0)
-    out = {"accuracy": float(skm.accuracy_score(y_true, y_pred)),
-           "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
-           "roc_auc": roc_auc(y_true, proba),
-           "log_loss": float(skm.log_loss(y_true, np.clip(proba, 1e-7, 1), labels=labels)),
-           "ece": expected_calibration_error(y_true, proba, ece_bins),
-           "n": int(len(y_true))}
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    out = {
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
+        "roc_auc": roc_auc(y_true, proba),
+        "log_loss": float(skm.log_loss(y_true, np.clip(proba, 1e-7, 1), labels=labels)),
+        "ece": expected_calibration_error(y_true, proba, ece_bins),
+        "n": int(len(y_true)),
+    }
     for i, name in enumerate(classes):
         out[f"precision_{name}"] = float(precision[i])
         out[f"recall_{name}"] = float(recall[i])
@@ -40,7 +46,9 @@ def expected_calibration_error(y_true, proba, bins: int = 15) -> float:
     """Guo et al. 2017: sum over equal-width confidence bins of |accuracy - confidence| x bin share."""
     table = reliability_table(y_true, proba, bins)
     n = len(y_true)
-    return float(sum(row["count"] / n * abs(row["accuracy"] - row["confidence"]) for row in table if row["count"]))
+    return float(
+        sum(row["count"] / n * abs(row["accuracy"] - row["confidence"]) for row in table if row["count"])
+    )
 
 
 def reliability_table(y_true, proba, bins: int = 15) -> list[dict]:
@@ -52,9 +60,14 @@ def reliability_table(y_true, proba, bins: int = 15) -> list[dict]:
     rows = []
     for i in range(bins):
         sel = which == i
-        rows.append({"bin_center": float((edges[i] + edges[i + 1]) / 2), "count": int(sel.sum()),
-                     "confidence": float(confidence[sel].mean()) if sel.any() else 0.0,
-                     "accuracy": float(correct[sel].mean()) if sel.any() else 0.0})
+        rows.append(
+            {
+                "bin_center": float((edges[i] + edges[i + 1]) / 2),
+                "count": int(sel.sum()),
+                "confidence": float(confidence[sel].mean()) if sel.any() else 0.0,
+                "accuracy": float(correct[sel].mean()) if sel.any() else 0.0,
+            }
+        )
     return rows
 
 

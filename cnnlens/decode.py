@@ -3,6 +3,7 @@
 Every file is decoded fully (so truncated and corrupt files are caught here, not mid-training),
 converted to 8-bit RGB whatever its mode, turned upright by its EXIF orientation, and resized.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -21,7 +22,9 @@ class BadImage(Exception):
     """A file that cannot become a training image; the message is the reason for the report."""
 
 
-def decode_rgb(path: str | Path, max_pixels: int, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def decode_rgb(
+    path: str | Path, max_pixels: int, draft_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """Open, fully decode and convert one file; returns (RGB image, original (width, height))."""
     path = Path(path)
     if path.suffix.lower() not in IMG_EXTENSIONS:
@@ -34,8 +37,10 @@ def decode_rgb(path: str | Path, max_pixels: int, draft_size: int | None = None)
             img = Image.open(path)
             width, height = img.size
             if width * height > max_pixels:
-                raise BadImage(f"declared size {width}x{height} exceeds prepare.max_pixels={max_pixels} "
-                               "(possible decompression bomb)")
+                raise BadImage(
+                    f"declared size {width}x{height} exceeds prepare.max_pixels={max_pixels} "
+                    "(possible decompression bomb)"
+                )
             if draft_size and img.format == "JPEG":
                 # decode at a reduced DCT scale that is still >= the target: same pixels out of
                 # the resize, several times less decoding work on the 2592x1944 originals
@@ -105,8 +110,11 @@ def scan_imagefolder(root: Path) -> dict[str, dict[str, list[Path]]]:
         folder = root / split
         if not folder.is_dir():
             continue
-        splits[split] = {d.name: sorted(f for f in d.rglob("*") if f.is_file())
-                         for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+        splits[split] = {
+            d.name: sorted(f for f in d.rglob("*") if f.is_file())
+            for d in sorted(folder.iterdir())
+            if d.is_dir() and not d.name.startswith(".")
+        }
     return splits
 
 

@@ -9,8 +9,9 @@
 - bootstrap confidence intervals for every mean.
 
 Maps here are "combined" maps, N x H x W (an N x C x H x W map is combined by the max over
-channels first, as in stages.attribution.combine_channels). Pure library code: no disk I/O.
+channels first, as in cnnlens.tensors.combine_channels). Pure library code: no disk I/O.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,20 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
-
-def _combined(maps: Tensor) -> Tensor:
-    maps = maps.detach()
-    if maps.dim() == 4:
-        maps = maps.amax(dim=1)
-    if maps.dim() != 3:
-        raise ValueError(f"maps must be N x H x W or N x C x H x W, got shape {tuple(maps.shape)}")
-    return maps
+from cnnlens.tensors import combine_channels
 
 
 def pixel_order(maps: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """N x HW pixel indices, most salient first. Ties are broken at random with `generator`,
     else in raster order (stable sort), so a constant map deletes from the top-left corner."""
-    flat = _combined(maps).flatten(1).float()
+    flat = combine_channels(maps.detach()).flatten(1).float()
     if generator is None:
         return torch.sort(flat, dim=1, descending=True, stable=True).indices
     perm = torch.randperm(flat.shape[1], generator=generator, device=generator.device).to(flat.device)
@@ -55,11 +49,35 @@ def deletion_insertion_passes(steps: int) -> int:
     return 2 * (steps + 1)
 
 
+def _curve(model, before: Tensor, after: Tensor, rank: Tensor, counts: Tensor, idx: Tensor, batch_size: int):
+    """N x (steps+1) probabilities of class idx: image i at step k is `after` where the pixel's rank is
+    below counts[k], else `before`; (image, step) pairs run in forwards of batch_size."""
+    n, steps, (h, w) = before.shape[0], len(counts) - 1, before.shape[-2:]
+    probs = torch.empty(n * (steps + 1), device=before.device)
+    pairs = torch.arange(n * (steps + 1), device=before.device)
+    for chunk in pairs.split(batch_size):
+        i, k = chunk // (steps + 1), chunk % (steps + 1)
+        changed = (rank[i] < counts[k][:, None]).view(-1, 1, h, w)
+        batch = torch.where(changed, after[i], before[i])
+        probs[chunk] = torch.softmax(model(batch).float(), dim=1).gather(1, idx[i][:, None])[:, 0]
+    return probs.view(n, steps + 1)
+
+
 @torch.no_grad()
-def deletion_insertion(model: nn.Module, inputs: Tensor, target, maps: Tensor, *, steps: int = 16,
-                       blur_sigma: float | None = None, kernel_size: int | None = None,
-                       deletion_value: float = 0.0, insertion_start: Tensor | None = None,
-                       generator: torch.Generator | None = None, batch_size: int = 64) -> dict:
+def deletion_insertion(
+    model: nn.Module,
+    inputs: Tensor,
+    target,
+    maps: Tensor,
+    *,
+    steps: int = 16,
+    blur_sigma: float | None = None,
+    kernel_size: int | None = None,
+    deletion_value: float = 0.0,
+    insertion_start: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+) -> dict:
     """Deletion and insertion curves and their AUCs (Petsiuk et al. 2018).
 
     Pixels (all three channels together) are ranked by the combined map. At step k of
@@ -90,26 +108,15 @@ def deletion_insertion(model: nn.Module, inputs: Tensor, target, maps: Tensor, *
     counts = torch.round(fractions * (h * w)).long().to(x.device)
 
     if insertion_start is None:
-        k, s = default_blur(min(h, w))
+        k, sigma = default_blur(min(h, w))
         k = kernel_size if kernel_size is not None else k
-        s = blur_sigma if blur_sigma is not None else s
-        insertion_start = gaussian_blur(x, kernel_size=[k, k], sigma=[s, s])
+        sigma = blur_sigma if blur_sigma is not None else sigma
+        insertion_start = gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
     start = insertion_start.to(x).expand_as(x)
     deleted = torch.full_like(x, deletion_value)
 
-    def curve(before: Tensor, after: Tensor) -> Tensor:
-        # image i at step k: `after` where the pixel is among the top counts[k], else `before`
-        probs = torch.empty(n * (steps + 1), device=x.device)
-        pairs = torch.arange(n * (steps + 1), device=x.device)
-        for chunk in pairs.split(batch_size):
-            i, k = chunk // (steps + 1), chunk % (steps + 1)
-            changed = (rank[i] < counts[k][:, None]).view(-1, 1, h, w)
-            batch = torch.where(changed, after[i], before[i])
-            probs[chunk] = torch.softmax(model(batch).float(), dim=1).gather(1, idx[i][:, None])[:, 0]
-        return probs.view(n, steps + 1)
-
-    del_curve = curve(x, deleted)
-    ins_curve = curve(start, x)
+    del_curve = _curve(model, x, deleted, rank, counts, idx, batch_size)
+    ins_curve = _curve(model, start, x, rank, counts, idx, batch_size)
     fx = fractions.to(x.device, torch.float32)
     return {
         "deletion_auc": torch.trapezoid(del_curve, fx, dim=1),
@@ -180,7 +187,9 @@ def default_layer_order(model: nn.Module) -> list[str]:
         if not any(True for _ in child.parameters()):
             continue
         if name == "features" and isinstance(child, nn.Sequential):
-            names += [f"features.{i}" for i, block in enumerate(child) if any(True for _ in block.parameters())]
+            names += [
+                f"features.{i}" for i, block in enumerate(child) if any(True for _ in block.parameters())
+            ]
         else:
             names.append(name)
     return names[::-1]
@@ -196,8 +205,16 @@ def reinitialize(module: nn.Module) -> None:
             m.reset_running_stats()
 
 
-def randomization_check(model: nn.Module, inputs: Tensor, target, method_fn, layer_order=None,
-                        *, seed: int = 0, absolute: bool = True) -> list[tuple[str, float]]:
+def randomization_check(
+    model: nn.Module,
+    inputs: Tensor,
+    target,
+    method_fn,
+    layer_order=None,
+    *,
+    seed: int = 0,
+    absolute: bool = True,
+) -> list[tuple[str, float]]:
     """Cascading model-parameter randomisation (Adebayo et al. 2018).
 
     A deep copy of the model has its layers re-initialised one group after another, from the
@@ -216,7 +233,7 @@ def randomization_check(model: nn.Module, inputs: Tensor, target, method_fn, lay
     order = default_layer_order(model) if layer_order is None else list(layer_order)
 
     def combined(m):
-        maps = _combined(method_fn(m, inputs, target))
+        maps = combine_channels(method_fn(m, inputs, target).detach())
         return maps.abs() if absolute else maps
 
     reference = combined(model)
@@ -239,7 +256,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
     pixels (a square neighbourhood); the original paper used 15 px at 224 px, 0 is the strict
     game.
     """
-    m = _combined(maps)
+    m = combine_channels(maps.detach())
     masks = masks.detach().to(m.device)
     if masks.shape != m.shape:
         raise ValueError(f"masks {tuple(masks.shape)} and maps {tuple(m.shape)} differ in shape")
@@ -257,7 +274,7 @@ def mass_inside(maps: Tensor, masks: Tensor) -> Tensor:
     Maps must be non-negative (take abs() of signed maps first). An all-zero map scores 0.
     The same share for a uniform map is the mask's area: compare against that.
     """
-    m = _combined(maps).float()
+    m = combine_channels(maps.detach()).float()
     if (m < 0).any():
         raise ValueError("mass_inside needs non-negative maps; take abs() of signed attributions")
     masks = masks.detach().to(m.device)
@@ -265,7 +282,9 @@ def mass_inside(maps: Tensor, masks: Tensor) -> Tensor:
         raise ValueError(f"masks {tuple(masks.shape)} and maps {tuple(m.shape)} differ in shape")
     total = m.flatten(1).sum(1)
     inside = (m * (masks > 0)).flatten(1).sum(1)
-    return torch.where(total > 0, inside / total.clamp_min(torch.finfo(m.dtype).tiny), torch.zeros_like(total))
+    return torch.where(
+        total > 0, inside / total.clamp_min(torch.finfo(m.dtype).tiny), torch.zeros_like(total)
+    )
 
 
 def bootstrap_ci(values, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
@@ -279,7 +298,51 @@ def bootstrap_ci(values, n_resamples: int = 1000, seed: int = 0, alpha: float = 
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
     rng = np.random.default_rng(seed)
     per_chunk = max(1, 4_000_000 // v.size)  # bound the index matrix to a few million entries
-    means = np.concatenate([v[rng.integers(0, v.size, size=(min(per_chunk, n_resamples - s), v.size))].mean(axis=1)
-                            for s in range(0, n_resamples, per_chunk)])
+    means = np.concatenate(
+        [
+            v[rng.integers(0, v.size, size=(min(per_chunk, n_resamples - s), v.size))].mean(axis=1)
+            for s in range(0, n_resamples, per_chunk)
+        ]
+    )
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return {"mean": float(v.mean()), "low": float(low), "high": float(high), "n": int(v.size)}
+
+
+def quality_scores(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    maps: Tensor,
+    masks: Tensor | None,
+    steps: int,
+    seed: int,
+    batch_size: int,
+) -> dict[str, Tensor]:
+    """Per-image scores of N x [C x] H x W maps (abs taken: IG is signed): deletion and insertion
+    AUC, and where object masks exist (N x H x W) the pointing game (1 hit, 0 miss) and the share
+    of the map's mass inside the mask."""
+    maps = maps.detach().abs().float().cpu()
+    gen = torch.Generator().manual_seed(seed)  # breaks ties in the pixel order (flat maps)
+    curves = deletion_insertion(
+        model,
+        x,
+        torch.as_tensor(target).to(x.device),
+        maps,
+        steps=steps,
+        generator=gen,
+        batch_size=batch_size,
+    )
+    scores = {"deletion_auc": curves["deletion_auc"].cpu(), "insertion_auc": curves["insertion_auc"].cpu()}
+    if masks is not None:
+        scores["pointing_game"] = pointing_game(maps, masks.cpu()).float()
+        scores["mass_inside"] = mass_inside(maps, masks.cpu())
+    return scores
+
+
+def baseline_maps(kind: str, n: int, h: int, w: int, seed: int) -> Tensor:
+    """N x H x W maps that know nothing about the model: uniform noise or a centred Gaussian."""
+    if kind == "random":
+        return random_maps(n, h, w, torch.Generator().manual_seed(seed))
+    if kind == "center":
+        return center_prior_maps(n, h, w)
+    raise ValueError(f"unknown baseline {kind!r}; allowed: random, center")

@@ -4,6 +4,7 @@ Images stay uint8 (N x 3 x S x S) until a batch is drawn, so the whole train set
 (hymenoptera at S=256: 48 MB). Augmentation is one batched grid_sample per batch on the same
 device, instead of PIL transforms per image per epoch.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stages.fileio import StageError, load_torch
+from cnnlens.cli import StageError
+from cnnlens.files import load_torch
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, as in the tutorial
 STD = (0.229, 0.224, 0.225)
@@ -22,9 +24,9 @@ STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Split:
-    images: torch.Tensor        # uint8 N x 3 x S x S
-    labels: torch.Tensor        # int64 N
-    paths: list[str]            # relative to the raw ImageFolder, e.g. "val/ants/123.jpg"
+    images: torch.Tensor  # uint8 N x 3 x S x S
+    labels: torch.Tensor  # int64 N
+    paths: list[str]  # relative to the raw ImageFolder, e.g. "val/ants/123.jpg"
     masks: torch.Tensor | None  # uint8 N x S x S, 1 = object (synthetic data only)
 
     def __len__(self):
@@ -32,8 +34,12 @@ class Split:
 
     def subset(self, index) -> "Split":
         index = torch.as_tensor(index, dtype=torch.long)
-        return Split(self.images[index], self.labels[index], [self.paths[i] for i in index.tolist()],
-                     None if self.masks is None else self.masks[index])
+        return Split(
+            self.images[index],
+            self.labels[index],
+            [self.paths[i] for i in index.tolist()],
+            None if self.masks is None else self.masks[index],
+        )
 
 
 def load_split(prepared: str | Path, split: str) -> Split:
@@ -58,8 +64,10 @@ def select_images(split: Split, paths: list[str], count: int) -> Split:
     if paths:
         missing = [p for p in paths if p not in split.paths]
         if missing:
-            raise StageError(f"image(s) not in the prepared val split: {', '.join(missing)}; "
-                             f"use paths like {split.paths[0]!r} (see data/prepared/manifest.csv)")
+            raise StageError(
+                f"image(s) not in the prepared val split: {', '.join(missing)}; "
+                f"use paths like {split.paths[0]!r} (see data/prepared/manifest.csv)"
+            )
         return split.subset([split.paths.index(p) for p in paths])
     if len(split) == 0:
         raise StageError("the val split is empty; nothing to explain")
@@ -87,18 +95,27 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """Centre crop of the last two dims (the tutorial's val CenterCrop on the packed square)."""
     h, w = images.shape[-2:]
     if size > min(h, w):
-        raise StageError(f"crop {size} is larger than the prepared images ({h}x{w}); "
-                         "lower train.crop or raise prepare.resize")
+        raise StageError(
+            f"crop {size} is larger than the prepared images ({h}x{w}); "
+            "lower train.crop or raise prepare.resize"
+        )
     top, left = (h - size) // 2, (w - size) // 2
-    return images[..., top:top + size, left:left + size]
+    return images[..., top : top + size, left : left + size]
 
 
 def eval_inputs(images: torch.Tensor, crop: int) -> torch.Tensor:
     return normalize(center_crop(images, crop))
 
 
-def random_resized_crop(images: torch.Tensor, size: int, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                        flip: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_resized_crop(
+    images: torch.Tensor,
+    size: int,
+    *,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """RandomResizedCrop + RandomHorizontalFlip for a whole uint8 batch in one grid_sample.
 
     Crop boxes are drawn as torchvision draws them (area fraction in `scale`, log-uniform aspect
@@ -135,3 +152,48 @@ def random_resized_crop(images: torch.Tensor, size: int, *, scale=(0.08, 1.0), r
     x = images.float() / 255.0
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return normalize(out)
+
+
+def normalize_maps(
+    maps: torch.Tensor, mode: str = "minmax", percentile: float = 99.0, per_channel: bool = False
+) -> torch.Tensor:
+    """Scale each map to [0, 1], per image (and per channel when per_channel).
+
+    maps: N x C x H x W or N x H x W. "minmax": (m - min) / (max - min). "percentile":
+    (m - min) / (q - min) clipped to [0, 1], with q the `percentile`-th percentile, so a few
+    extreme pixels do not make the rest look black (q falls back to max when q == min).
+    A constant map becomes zeros, never NaN.
+    """
+    if mode not in ("minmax", "percentile"):
+        raise StageError(f"normalize = {mode!r}; allowed: minmax, percentile")
+    m = maps.detach().float()
+    shape = m.shape
+    if per_channel and m.dim() == 4:
+        flat = m.flatten(2).flatten(0, 1)  # (N*C) x HW
+    else:
+        flat = m.flatten(1)
+    lo = flat.amin(1, keepdim=True)
+    hi = flat.amax(1, keepdim=True)
+    if mode == "percentile":
+        # numpy's default 'linear' percentile, by sorting (torch.quantile refuses > 16M values)
+        srt = flat.sort(dim=1).values
+        pos = percentile / 100.0 * (srt.shape[1] - 1)
+        i0 = int(pos)
+        i1 = min(i0 + 1, srt.shape[1] - 1)
+        q = (srt[:, i0] + (pos - i0) * (srt[:, i1] - srt[:, i0]))[:, None]
+        hi = torch.where(q > lo, q, hi)
+    span = hi - lo
+    out = torch.where(
+        span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat)
+    )
+    return out.clamp(0.0, 1.0).reshape(shape)
+
+
+def combine_channels(maps: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W -> N x H x W by the max over channels (the tutorial's combined map).
+    An N x H x W input is returned as it is."""
+    if maps.dim() == 3:
+        return maps
+    if maps.dim() != 4:
+        raise ValueError(f"maps must be N x C x H x W or N x H x W, got shape {tuple(maps.shape)}")
+    return maps.amax(dim=1)

@@ -4,25 +4,28 @@ Captum-style, one function per method, all with the signature
 
     method(model, inputs, target, **kw) -> Tensor
 
-so that `params.saliency.methods` (a list of names) selects them through METHODS / attribute().
+so that `saliency.methods` in params.yaml (a list of names) selects them through METHODS, the one
+registry of methods and their facts (label, description, cost, settings), and explain().
 `inputs` are ImageNet-normalised N x 3 x H x W on the model's device; `target` is N class indices
-(the caller passes each image's max-logit class, see predict()). Every method attributes the
+(the caller passes each image's max-logit class, see model.predictions()). Every method attributes the
 target *logit* (not the softmax), as captum does when given a model that returns logits.
 
 The model is put in eval mode and left there. Gradients are taken with torch.autograd.grad with
 respect to the input (or a layer's output) only, so no parameter's .grad is touched and the
 model's weights and buffers stay as they were. Pure library code: no disk I/O.
 """
+
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.fileio import ParamsError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cnnlens.cli import ParamsError
+from cnnlens.tensors import MEAN, STD, combine_channels, normalize_maps
 
 
 def _target(target, n: int, device) -> Tensor:
@@ -57,9 +60,18 @@ def gradient(model: nn.Module, inputs: Tensor, target, **kw) -> Tensor:
     return _input_grad(model, inputs, idx).abs()
 
 
-def smoothgrad(model: nn.Module, inputs: Tensor, target, *, sigma: float = 0.15, samples: int = 25,
-               generator: torch.Generator | None = None, seed: int | None = None,
-               batch_size: int = 64, **kw) -> Tensor:
+def smoothgrad(
+    model: nn.Module,
+    inputs: Tensor,
+    target,
+    *,
+    sigma: float = 0.15,
+    samples: int = 25,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    batch_size: int = 64,
+    **kw,
+) -> Tensor:
     """SmoothGrad (Smilkov et al. 2017): mean of |gradient| over `samples` noisy copies.
 
     The noise std is `sigma` times each image's own input range (max - min over its pixels), as in
@@ -84,8 +96,9 @@ def smoothgrad(model: nn.Module, inputs: Tensor, target, *, sigma: float = 0.15,
     done = 0
     while done < samples:
         k = min(per_chunk, samples - done)
-        noise = torch.stack([torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
-                             for _ in range(k)]).to(x.device)  # k x N x 3 x H x W
+        noise = torch.stack(
+            [torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype) for _ in range(k)]
+        ).to(x.device)  # k x N x 3 x H x W
         noisy = (x.unsqueeze(0) + noise * std.unsqueeze(0)).flatten(0, 1)
         grads = _input_grad(model, noisy, idx.repeat(k)).abs()
         total += grads.view(k, *x.shape).sum(0)
@@ -95,8 +108,8 @@ def smoothgrad(model: nn.Module, inputs: Tensor, target, *, sigma: float = 0.15,
 
 def black_baseline(inputs: Tensor) -> Tensor:
     """The all-black image (pixel value 0) in ImageNet-normalised space: (0 - mean) / std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=inputs.device, dtype=inputs.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=inputs.device, dtype=inputs.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, device=inputs.device, dtype=inputs.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=inputs.device, dtype=inputs.dtype).view(1, 3, 1, 1)
     return ((0.0 - mean) / std).expand_as(inputs)
 
 
@@ -114,8 +127,16 @@ def trapezoid_rule(steps: int) -> tuple[Tensor, Tensor]:
     return alphas, weights
 
 
-def integrated_gradients(model: nn.Module, inputs: Tensor, target, *, steps: int = 32,
-                         baseline: Tensor | None = None, batch_size: int = 64, **kw) -> Tensor:
+def integrated_gradients(
+    model: nn.Module,
+    inputs: Tensor,
+    target,
+    *,
+    steps: int = 32,
+    baseline: Tensor | None = None,
+    batch_size: int = 64,
+    **kw,
+) -> Tensor:
     """Integrated gradients (Sundararajan et al. 2017), signed, N x 3 x H x W.
 
     attr = (x - baseline) * integral_0^1 grad f(baseline + a (x - baseline)) da, with the integral
@@ -134,8 +155,8 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, target, *, steps: int
     per_chunk = max(1, batch_size // max(n, 1))
     avg_grad = torch.zeros_like(x)
     for start in range(0, steps, per_chunk):
-        a = alphas[start:start + per_chunk].to(x)
-        w = weights[start:start + per_chunk].to(x)
+        a = alphas[start : start + per_chunk].to(x)
+        w = weights[start : start + per_chunk].to(x)
         path = (base.unsqueeze(0) + a.view(-1, 1, 1, 1, 1) * diff.unsqueeze(0)).flatten(0, 1)
         grads = _input_grad(model, path, idx.repeat(len(a))).view(len(a), *x.shape)
         avg_grad += (grads * w.view(-1, 1, 1, 1, 1)).sum(0)
@@ -143,8 +164,9 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, target, *, steps: int
 
 
 @torch.no_grad()
-def ig_completeness_error(model: nn.Module, inputs: Tensor, baseline: Tensor | None,
-                          attributions: Tensor, target) -> dict:
+def ig_completeness_error(
+    model: nn.Module, inputs: Tensor, baseline: Tensor | None, attributions: Tensor, target
+) -> dict:
     """How far IG is from its completeness axiom: sum(attr) = f(x) - f(baseline), per image.
 
     Returns dict(abs=N, rel=N, delta=N): abs = |sum(attr) - delta|, delta = f(x) - f(baseline)
@@ -178,8 +200,9 @@ def default_gradcam_layer(model: nn.Module) -> nn.Module:
     return convs[-1]
 
 
-def gradcam(model: nn.Module, inputs: Tensor, target, *, layer: nn.Module | str | None = None,
-            **kw) -> Tensor:
+def gradcam(
+    model: nn.Module, inputs: Tensor, target, *, layer: nn.Module | str | None = None, **kw
+) -> Tensor:
     """Grad-CAM (Selvaraju et al. 2017), N x 1 x H x W, >= 0.
 
     A forward hook captures the layer's output A; w = spatial mean of d logit / d A per channel;
@@ -210,101 +233,134 @@ def gradcam(model: nn.Module, inputs: Tensor, target, *, layer: nn.Module | str 
     return F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)
 
 
+@dataclass(frozen=True)
+class Method:
+    """A method and its facts, as captum bundles them: what config validates, the stage runs and
+    the figures and metrics describe. Each callable takes SaliencyParams."""
+
+    fn: Callable  # (model, inputs, target, **kwargs) -> N x C x H x W (Grad-CAM: N x 1 x H x W)
+    label: str  # for figure titles
+    describe: Callable[..., str]  # one line on what the map is
+    passes: Callable[..., int]  # forward passes per image; each has one backward pass too
+    cost: str  # the passes, in words
+    kwargs: Callable[..., dict] = lambda sp: {}
+    seeded: bool = False  # takes a generator= for its noise
+
+
 METHODS = {
-    "gradient": gradient,
-    "smoothgrad": smoothgrad,
-    "integrated_gradients": integrated_gradients,
-    "gradcam": gradcam,
+    "gradient": Method(
+        gradient,
+        "gradient",
+        lambda sp: "|d logit / d pixel| of the predicted class, one backward pass",
+        lambda sp: 1,
+        "1 forward + 1 backward",
+    ),
+    "smoothgrad": Method(
+        smoothgrad,
+        "SmoothGrad",
+        lambda sp: (
+            f"mean |gradient| over {sp.smoothgrad_samples} noisy copies of the image "
+            f"(noise std {sp.smoothgrad_sigma:g} x the image's range)"
+        ),
+        lambda sp: sp.smoothgrad_samples,
+        "smoothgrad_samples x (1 forward + 1 backward)",
+        lambda sp: {
+            "sigma": sp.smoothgrad_sigma,
+            "samples": sp.smoothgrad_samples,
+            "batch_size": sp.batch_size,
+        },
+        seeded=True,
+    ),
+    "integrated_gradients": Method(
+        integrated_gradients,
+        "integrated gradients",
+        lambda sp: (
+            f"gradients along {sp.ig_steps} steps from a black image to the image, times "
+            "(image - black); |value| shown"
+        ),
+        lambda sp: sp.ig_steps,
+        "ig_steps x (1 forward + 1 backward)",
+        lambda sp: {"steps": sp.ig_steps, "batch_size": sp.batch_size},
+    ),
+    "gradcam": Method(
+        gradcam,
+        "Grad-CAM",
+        lambda sp: (
+            "last conv block's feature maps weighted by the mean gradient of the predicted logit, ReLU"
+        ),
+        lambda sp: 1,
+        "1 forward + 1 backward (to the hooked layer)",
+    ),
 }
 
-# What each method costs, per image, for the saliency stage's report; passes() gives numbers.
-PASSES = {
-    "gradient": "1 forward + 1 backward",
-    "smoothgrad": "smoothgrad_samples x (1 forward + 1 backward)",
-    "integrated_gradients": "ig_steps x (1 forward + 1 backward)",
-    "gradcam": "1 forward + 1 backward (to the hooked layer)",
-}
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ParamsError(f"unknown saliency method {name!r}; allowed: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
-def passes(method_name: str, params) -> tuple[int, int]:
-    """(forwards, backwards) per image for `method_name` with these SaliencyParams."""
-    n = {"gradient": 1, "smoothgrad": params.smoothgrad_samples,
-         "integrated_gradients": params.ig_steps, "gradcam": 1}
-    if method_name not in n:
-        raise ParamsError(f"unknown saliency method {method_name!r}; allowed: {', '.join(METHODS)}")
-    return n[method_name], n[method_name]
-
-
-def method_kwargs(method_name: str, params) -> dict:
-    """The keyword arguments that SaliencyParams gives a method."""
-    if method_name == "smoothgrad":
-        return {"sigma": params.smoothgrad_sigma, "samples": params.smoothgrad_samples,
-                "batch_size": params.batch_size}
-    if method_name == "integrated_gradients":
-        return {"steps": params.ig_steps, "batch_size": params.batch_size}
-    return {}
-
-
-def attribute(method_name: str, model: nn.Module, inputs: Tensor, target, params,
-              *, generator: torch.Generator | None = None) -> Tensor:
-    """Run METHODS[method_name] with its settings from SaliencyParams.
-
-    `generator` seeds SmoothGrad's noise (ignored by the deterministic methods).
-    """
-    if method_name not in METHODS:
-        raise ParamsError(f"unknown saliency method {method_name!r}; allowed: {', '.join(METHODS)}")
-    kw = method_kwargs(method_name, params)
-    if method_name == "smoothgrad":
+def attribute(
+    name: str, model: nn.Module, inputs: Tensor, target, sp, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Run method `name` with its settings from SaliencyParams `sp`; `generator` seeds SmoothGrad's noise."""
+    m = method(name)
+    kw = m.kwargs(sp)
+    if m.seeded:
         kw["generator"] = generator
-    return METHODS[method_name](model, inputs, target, **kw)
+    return m.fn(model, inputs, target, **kw)
 
 
-def normalize_maps(maps: Tensor, mode: str = "minmax", percentile: float = 99.0,
-                   per_channel: bool = False) -> Tensor:
-    """Scale each map to [0, 1], per image (and per channel when per_channel).
+def explain(name: str, model: nn.Module, x: Tensor, target: Tensor, sp, seed: int) -> Tensor:
+    """Raw maps of method `name`, N x C x H x W on the CPU, sp.batch_size images at a time.
 
-    maps: N x C x H x W or N x H x W. "minmax": (m - min) / (max - min). "percentile":
-    (m - min) / (q - min) clipped to [0, 1], with q the `percentile`-th percentile, so a few
-    extreme pixels do not make the rest look black (q falls back to max when q == min).
-    A constant map becomes zeros, never NaN.
+    SmoothGrad's noise comes from a CPU generator seeded with `seed` on every call, so the same
+    call gives the same maps on any device, and the randomisation check sees no noise as change.
     """
-    if mode not in ("minmax", "percentile"):
-        raise ParamsError(f"normalize = {mode!r}; allowed: minmax, percentile")
-    m = maps.detach().float()
-    shape = m.shape
-    if per_channel and m.dim() == 4:
-        flat = m.flatten(2).flatten(0, 1)  # (N*C) x HW
-    else:
-        flat = m.flatten(1)
-    lo = flat.amin(1, keepdim=True)
-    hi = flat.amax(1, keepdim=True)
-    if mode == "percentile":
-        # numpy's default 'linear' percentile, by sorting (torch.quantile refuses > 16M values)
-        srt = flat.sort(dim=1).values
-        pos = percentile / 100.0 * (srt.shape[1] - 1)
-        i0 = int(pos)
-        i1 = min(i0 + 1, srt.shape[1] - 1)
-        q = (srt[:, i0] + (pos - i0) * (srt[:, i1] - srt[:, i0]))[:, None]
-        hi = torch.where(q > lo, q, hi)
-    span = hi - lo
-    out = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
-    return out.clamp(0.0, 1.0).reshape(shape)
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.as_tensor(target).to(x.device)
+    return torch.cat(
+        [
+            attribute(name, model, xb, tb, sp, generator=gen).detach().cpu()
+            for xb, tb in zip(x.split(sp.batch_size), target.split(sp.batch_size))
+        ]
+    )
 
 
-def combine_channels(maps: Tensor) -> Tensor:
-    """N x C x H x W -> N x H x W by the max over channels (the tutorial's combined map).
-    An N x H x W input is returned as it is."""
-    if maps.dim() == 3:
-        return maps
-    if maps.dim() != 4:
-        raise ValueError(f"maps must be N x C x H x W or N x H x W, got shape {tuple(maps.shape)}")
-    return maps.amax(dim=1)
+def display_maps(maps: Tensor, mode: str, percentile: float) -> tuple[Tensor, Tensor]:
+    """|maps| scaled to [0, 1] per image for the figures: (channels, combined).
+
+    channels: N x C x H x W, one scale shared by an image's channels, so R, G and B panels can be
+    compared; combined: N x H x W, the max over channels, scaled on its own.
+    """
+    m = maps.detach().abs().float().cpu()
+    return (
+        normalize_maps(m, mode, percentile, per_channel=False),
+        normalize_maps(combine_channels(m), mode, percentile),
+    )
 
 
-@torch.no_grad()
-def predict(model: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
-    """(pred N long, prob N float): the max-logit class and its softmax probability."""
-    model.eval()
-    prob = torch.softmax(model(inputs).float(), dim=1)
-    p, pred = prob.max(dim=1)
-    return pred.long(), p
+def gradcam_grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
+    """(h, w) of the Grad-CAM layer's output for inputs like `x`: the map's real resolution
+    before upsampling (2 x 2 for a ResNet at 64 px). One forward of one image."""
+    sizes = []
+    layer = default_gradcam_layer(model)
+    handle = layer.register_forward_hook(lambda m, a, out: sizes.append(tuple(out.shape[-2:])))
+    try:
+        with torch.no_grad():
+            model.eval()(x[:1])
+    finally:
+        handle.remove()
+    return sizes[-1]
+
+
+def ig_completeness(model: nn.Module, x: Tensor, target: Tensor, maps: Tensor, batch_size: int) -> Tensor:
+    """Per-image relative completeness error of integrated-gradients maps (black baseline):
+    |sum(attr) - (f(x) - f(baseline))| / |f(x) - f(baseline)|, batch_size images at a time."""
+    target = torch.as_tensor(target)
+    return torch.cat(
+        [
+            ig_completeness_error(model, xb, None, mb.to(xb), tb.to(xb.device))["rel"].cpu()
+            for xb, mb, tb in zip(x.split(batch_size), maps.split(batch_size), target.split(batch_size))
+        ]
+    )
