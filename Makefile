@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LOCK ?= requirements-lock.txt
 CONSTRAINT := $(if $(LOCK),-c $(LOCK),)
 
-.PHONY: demo test run lock bench clean
+.PHONY: demo test lint run lock bench clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
+
+# House style (pyproject.toml): formatting and lint; CI runs it after the tests.
+lint: $(BIN)/.installed
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # The real data (needs internet, or set data.source / model.weights to local paths in params.yaml).
 run: $(BIN)/.installed

@@ -264,6 +264,17 @@ def select_device(name: str):
     return torch.device(name)
 
 
+def device_name(device) -> str:
+    """What the metrics record as the device: the GPU's name, or the CPU and its thread count."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def merge(base: dict, overrides: dict) -> dict:
     """Recursively apply `overrides` onto `base` (both plain dicts from YAML)."""
     out = dict(base)

@@ -7,12 +7,11 @@ python -m stages.finetune --data data/prepared --weights data/weights --model mo
 import hashlib
 import json
 import os
-import platform
 
 import torch
 
 from cnnlens.cli import ParamsError, log, run_main, stage_args
-from cnnlens.config import select_device, to_dict
+from cnnlens.config import device_name, select_device, to_dict
 from cnnlens.files import atomic_path, write_json
 from cnnlens.model import initial_model, save_checkpoint
 from cnnlens.tensors import MEAN, STD, load_classes, load_split
@@ -29,12 +28,6 @@ def check(tp, device):
         # cuBLAS needs a fixed workspace for deterministic matmuls; set before the first CUDA call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main(argv=None):

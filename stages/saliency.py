@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cnnlens.attribution import METHODS, display_maps, explain, gradcam_grid, ig_completeness
 from cnnlens.cli import ParamsError, log, run_main, stage_args
-from cnnlens.config import select_device
+from cnnlens.config import device_name, select_device
 from cnnlens.figures import (
     chw_to_hwc,
     randomization_figure,
@@ -295,12 +295,6 @@ def explain_all(out: Path, model, shown, scored, p, device, meta, weights_dir) -
     return metrics, curves, skipped
 
 
-def device_label(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({torch.get_num_threads()} CPU threads)"
-
-
 def main(argv=None):
     args, p = stage_args(__doc__, ("--data", "--model", "--weights", "--metrics", "--out"), argv)
     sp = p.saliency
@@ -319,7 +313,7 @@ def main(argv=None):
     with atomic_path(args.out) as out:
         out.mkdir()
         metrics, curves, skipped = explain_all(out, model, shown, scored, p, device, meta, args.weights)
-    dev, nr = device_label(device), min(len(scored.x), RANDOMIZATION_IMAGES)
+    dev, nr = device_name(device), min(len(scored.x), RANDOMIZATION_IMAGES)
     extra = {
         "n_images": len(shown.x),
         "n_quality_images": len(scored.x),

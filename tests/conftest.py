@@ -115,3 +115,15 @@ def randomize_batchnorm(model, bias=(-0.2, 0.2)):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(*bias)
     return model
+
+
+def small_resnet(seed=0, dtype=torch.float32, bn_bias=(-0.2, 0.2), randomize_bn=True):
+    """A seeded random-init ResNet18 with a 2-way head, in eval mode; with randomize_bn, non-trivial
+    BatchNorm statistics (bn_bias: the range of the BN shifts, so some units stay at zero)."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=2)
+    if randomize_bn:
+        randomize_batchnorm(model, bias=bn_bias)
+    return model.to(dtype).eval()

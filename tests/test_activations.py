@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import randomize_batchnorm
+from conftest import run_stage, small_resnet
 from PIL import Image
 from torch import nn
 
@@ -42,12 +40,6 @@ VAL_PATHS = [
     "val/bees/same.jpg",
     "val/bees/b2.jpg",
 ]
-
-
-def small_resnet(seed=0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = build_model("resnet18", 2)
-    return randomize_batchnorm(model, bias=(-0.3, 0.2)).eval()
 
 
 def reference_forward(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -85,7 +77,7 @@ def project(tmp_path_factory):
         prepared / "train.pt",
     )
     (prepared / "classes.json").write_text(json.dumps(["ants", "bees"]))
-    model = small_resnet()
+    model = small_resnet(bn_bias=(-0.3, 0.2))
     meta = {
         "arch": "resnet18",
         "classes": ["ants", "bees"],
@@ -111,24 +103,18 @@ def write_params(path: Path, **activations) -> Path:
     return path
 
 
-def run_stage(project, tmp_path, **activations):
+def stage_argv(project, tmp_path, params) -> list[str]:
+    out = {
+        "--metrics": tmp_path / "metrics" / "activations.json",
+        "--out": tmp_path / "plots" / "activations",
+    }
+    paths = {"--data": project["prepared"], "--model": project["models"], **out, "--params": params}
+    return [str(a) for flag, path in paths.items() for a in (flag, path)]
+
+
+def run_activations(project, tmp_path, **activations):
     params = write_params(tmp_path / "params.yaml", **activations)
-    cmd = [
-        sys.executable,
-        "-m",
-        "stages.activations",
-        "--data",
-        str(project["prepared"]),
-        "--model",
-        str(project["models"]),
-        "--metrics",
-        str(tmp_path / "metrics" / "activations.json"),
-        "--out",
-        str(tmp_path / "plots" / "activations"),
-        "--params",
-        str(params),
-    ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return run_stage("activations", *stage_argv(project, tmp_path, params), timeout=120)
 
 
 # ---------------------------------------------------------------- hooks
@@ -291,7 +277,7 @@ def test_layer_statistics_equal_the_reference_forward_over_all_batches(project):
 
 
 def test_stage_writes_grids_metrics_and_plot_data(project, tmp_path):
-    res = run_stage(project, tmp_path)
+    res = run_activations(project, tmp_path)
     assert res.returncode == 0, res.stderr
     assert "activations: 2 image(s) x 5 layer(s)" in res.stderr
     out = tmp_path / "plots" / "activations"
@@ -333,21 +319,7 @@ def run_cli(project, tmp_path, capsys, **activations):
     to spare a second and third interpreter start."""
     params = write_params(tmp_path / "params.yaml", **activations)
     with pytest.raises(SystemExit) as exit_info:
-        run_main(
-            stage.main,
-            [
-                "--data",
-                str(project["prepared"]),
-                "--model",
-                str(project["models"]),
-                "--metrics",
-                str(tmp_path / "metrics" / "activations.json"),
-                "--out",
-                str(tmp_path / "plots" / "activations"),
-                "--params",
-                str(params),
-            ],
-        )
+        run_main(stage.main, stage_argv(project, tmp_path, params))
     return exit_info.value.code, capsys.readouterr().err
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 import torchvision
-from conftest import randomize_batchnorm
+from conftest import small_resnet
 from torch import nn
 
 from cnnlens import attribution as A
@@ -25,12 +25,6 @@ from cnnlens.model import predictions
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     yield
-
-
-def small_resnet(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    model = torchvision.models.resnet18(num_classes=2)
-    return randomize_batchnorm(model).to(dtype).eval()
 
 
 def images(n=3, side=64, seed=1, dtype=torch.float32):
