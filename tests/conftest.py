@@ -127,3 +127,16 @@ def small_resnet(seed=0, dtype=torch.float32, bn_bias=(-0.2, 0.2), randomize_bn=
     if randomize_bn:
         randomize_batchnorm(model, bias=bn_bias)
     return model.to(dtype).eval()
+
+
+def checkpoint_meta(crop: int, loss: str = "cross_entropy") -> dict:
+    """model.json of a 2-class resnet18 checkpoint, as finetune writes it."""
+    return {
+        "arch": "resnet18",
+        "classes": ["ants", "bees"],
+        "input_size": crop,
+        "loss": loss,
+        "mode": "finetune",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import run_stage, small_resnet
+from conftest import checkpoint_meta, run_stage, small_resnet
 from PIL import Image
 from torch import nn
 
@@ -24,7 +24,7 @@ import stages.activations as stage
 from cnnlens import hooks as F
 from cnnlens.cli import StageError, run_main
 from cnnlens.model import build_model, load_checkpoint, save_checkpoint
-from cnnlens.tensors import MEAN, STD, eval_inputs, normalize_maps
+from cnnlens.tensors import eval_inputs, normalize_maps
 
 torch.set_num_threads(2)
 
@@ -78,15 +78,7 @@ def project(tmp_path_factory):
     )
     (prepared / "classes.json").write_text(json.dumps(["ants", "bees"]))
     model = small_resnet(bn_bias=(-0.3, 0.2))
-    meta = {
-        "arch": "resnet18",
-        "classes": ["ants", "bees"],
-        "input_size": CROP,
-        "loss": "cross_entropy",
-        "mode": "finetune",
-        "mean": list(MEAN),
-        "std": list(STD),
-    }
+    meta = checkpoint_meta(CROP)
     save_checkpoint(root / "models", model, meta)
     return {
         "root": root,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_prepared, make_weights_dir, run_stage, write_params
+from conftest import checkpoint_meta, make_prepared, make_weights_dir, run_stage, write_params
 
 from cnnlens import attribution as A
 from cnnlens.cli import run_main
@@ -47,15 +47,7 @@ def project(tmp_path_factory):
     prepared = make_prepared(root / "prepared", n_train=4, n_val=8, size=SIDE, masks=True)
     weights = make_weights_dir(root / "weights")
     torch.manual_seed(1)
-    meta = {
-        "arch": "resnet18",
-        "classes": ["ants", "bees"],
-        "input_size": CROP,
-        "loss": "cross_entropy",
-        "mode": "finetune",
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-    }
+    meta = checkpoint_meta(CROP)
     save_checkpoint(root / "models", build_model("resnet18", 2), meta)
     return {"root": root, "prepared": prepared, "weights": weights, "models": root / "models"}
 
