@@ -126,12 +126,14 @@ def test_finetune_imports_no_dvc():
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="torch sees no CUDA GPU")
 def test_bf16_channels_last_predicts_as_fp32():
-    """bf16 autocast + channels_last (train.amp) vs fp32 on 64 images at 224 px.
+    """bf16 autocast + channels_last (train.amp) vs fp32 (TF32 off) on 64 images at 224 px.
 
-    bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per op); through ResNet-18's
-    ~20 layers with fp32 accumulation the logits move by about 1% of their scale. So: the softmax
-    probabilities differ by at most 0.05, every image whose fp32 top-2 logit margin exceeds 5%
-    of the logit scale keeps its class, and >= 95% of all images keep their class.
+    bf16 keeps 8 significant bits, so every layer's output is rounded by up to 2^-9 = 0.2%; over
+    ResNet-18's ~20 layers the logits move by a few % of their scale (the same check with CPU bf16
+    autocast: 2.9% of the largest |logit|, softmax probabilities 0.005 apart, all 64 argmaxes equal).
+    Bounds, with margin: logits within 8% of the largest |logit|; probabilities within 0.05; every
+    image whose fp32 top-2 margin exceeds 16% (twice the logit bound, so no flip is possible) keeps
+    its class; and >= 95% of all images keep theirs.
     """
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -143,10 +145,11 @@ def test_bf16_channels_last_predicts_as_fp32():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             fast = fast_model(x.contiguous(memory_format=torch.channels_last)).float()
     p_ref, p_fast = ref.softmax(1), fast.softmax(1)
-    assert (p_ref - p_fast).abs().max() <= 0.05
     scale = ref.abs().max()
+    assert (fast - ref).abs().max() <= 0.08 * scale
+    assert (p_ref - p_fast).abs().max() <= 0.05
     top2 = ref.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 0.05 * scale
+    clear = (top2[:, 0] - top2[:, 1]) > 0.16 * scale
     assert torch.equal(ref.argmax(1)[clear], fast.argmax(1)[clear])
     assert (ref.argmax(1) == fast.argmax(1)).float().mean() >= 0.95
 
@@ -169,9 +172,9 @@ def test_random_resized_crop_on_gpu_equals_cpu(flip):
 @pytest.mark.skipif(not HAS_CUDA, reason="torch sees no CUDA GPU")
 @pytest.mark.parametrize("name", list(METHODS))
 def test_saliency_on_gpu_equals_cpu(name):
-    """Every method's raw maps on CUDA (fp32, TF32 off) vs the CPU's, within 1e-4 of the map's max.
-    (With TF32 convolutions, cuDNN's default, the maps differ by ~1e-3 of their max; bench/gpu_check.py
-    reports that number for the saliency stage's settings.)"""
+    """Every method's raw maps on CUDA (fp32, TF32 off) vs the CPU's, within 1e-4 of each image's map max.
+    With TF32 convolutions (cuDNN's default, 10-bit mantissa) they differ more; bench/gpu_check.py
+    measures that difference for the saliency stage's default flags instead of asserting it."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     x = batch(4, 64)
@@ -180,7 +183,8 @@ def test_saliency_on_gpu_equals_cpu(name):
     target = model(x).argmax(1)
     cpu = explain(name, to_device(model, torch.device("cpu")), x, target, sp, seed=0)
     gpu = explain(name, to_device(model, torch.device("cuda")), x.cuda(), target, sp, seed=0)
-    scale = cpu.abs().flatten(1).amax(1).view(-1, *[1] * (cpu.dim() - 1))
+    scale = cpu.abs().flatten(1).amax(1).clamp_min(1e-6 * float(cpu.abs().max()) + 1e-30)
+    scale = scale.view(-1, *[1] * (cpu.dim() - 1))  # an all-zero Grad-CAM map is scored against the batch's
     assert ((gpu - cpu).abs() / scale).max() <= 1e-4
 
 
