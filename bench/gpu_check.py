@@ -210,6 +210,10 @@ def text_summary(s: dict) -> str:
     sal = s.get("saliency", {})
     if sal:
         lines.append(f"saliency: {json.dumps(sal)}")
+    if s["mode"] != "full":
+        lines.append(
+            "targets below are for the full run on a GPU; a dry run shows them only to exercise the code"
+        )
     for k, (value, ok) in s.get("targets", {}).items():
         lines.append(f"target {k}: {value} -> {'PASS' if ok else 'FAIL'}")
     return "\n".join(lines) + "\n"
