@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LOCK ?= requirements-lock.txt
 CONSTRAINT := $(if $(LOCK),-c $(LOCK),)
 
-.PHONY: demo test lint run lock bench clean
+.PHONY: demo test lint run lock bench gpu-check clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ run: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_train.py
+
+# The GPU check (README.md, ## GPU): `make gpu-check` on the GPU box, `make gpu-check GPU_ARGS="--device cpu --tiny"` here.
+GPU_ARGS ?= --device cuda
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_ARGS)
 
 lock: $(BIN)/.installed
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements-lock.txt

@@ -1,6 +1,7 @@
 """Training speed, side by side in one process: the tutorial's loop vs. our finetune code.
 
     python bench/bench_train.py [--raw ../shared/data/hymenoptera_data] [--epochs 3] [--device auto]
+    python bench/bench_train.py --device cuda --epochs 25 --seeds 3 --ours 4,4:off,32   # the GPU check
 
 (a) a faithful re-implementation of the PyTorch transfer-learning tutorial's loop: ImageFolder on
     the prepared JPEGs, PIL transforms every epoch, batch 4, num_workers=4, fp32, SGD + StepLR;
@@ -12,11 +13,18 @@ augmented feature_extractor run). Prints per-epoch
 seconds (median of the epochs after the first), the ratio (a)/(b), val accuracy of both, peak RSS
 and, on CUDA, peak allocated memory. Needs torch, torchvision, pandas, pillow, pyyaml, tqdm; no DVC.
 Results are from random init unless --weights points at ImageNet weights.
+
+--ours picks our variants by batch size (default: the device's default above): `4` is the
+tutorial's batch and lr, `32` scales the lr linearly (0.001 * 32 / 4 = 0.008), a `:off` suffix turns
+train.cuda_graphs off. --seeds N repeats every run with seeds seed..seed+N-1: seconds per epoch are
+the median over all seeds' epochs after the first, accuracies the median of the seeds' best val
+accuracy. --out is rewritten after every run, so a run cut short keeps what it measured.
 """
 
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import platform
 import resource
@@ -38,8 +46,10 @@ from cnnlens.tensors import load_split  # noqa: E402
 from cnnlens.training import configure, train  # noqa: E402
 
 
-def tutorial_loop(data_dir: Path, mode: str, epochs: int, device, seed: int, weights) -> dict:
-    """The tutorial's train_model(), kept as it is apart from timing and the seed."""
+def tutorial_loop(
+    data_dir: Path, mode: str, epochs: int, device, seed: int, weights, crop: int = 224
+) -> dict:
+    """The tutorial's train_model(), kept as it is apart from timing, the seed (and --crop, for dry runs)."""
     from torchvision import datasets, transforms
 
     torch.manual_seed(seed)
@@ -47,7 +57,7 @@ def tutorial_loop(data_dir: Path, mode: str, epochs: int, device, seed: int, wei
     tfs = {
         "train": transforms.Compose(
             [
-                transforms.RandomResizedCrop(224),
+                transforms.RandomResizedCrop(crop),
                 transforms.RandomHorizontalFlip(),
                 transforms.ToTensor(),
                 transforms.Normalize(mean, std),
@@ -55,8 +65,8 @@ def tutorial_loop(data_dir: Path, mode: str, epochs: int, device, seed: int, wei
         ),
         "val": transforms.Compose(
             [
-                transforms.Resize(256),
-                transforms.CenterCrop(224),
+                transforms.Resize(crop * 256 // 224),
+                transforms.CenterCrop(crop),
                 transforms.ToTensor(),
                 transforms.Normalize(mean, std),
             ]
@@ -108,14 +118,17 @@ def tutorial_loop(data_dir: Path, mode: str, epochs: int, device, seed: int, wei
     return {"epoch_seconds": seconds, "best_val_acc": best_acc}
 
 
-def ours(prepared: Path, mode: str, epochs: int, device, seed: int, weights, **overrides) -> dict:
+def ours(prepared: Path, mode: str, epochs: int, device, seed: int, weights, batch=None, **overrides) -> dict:
     tp = TrainParams(mode=mode, epochs=epochs, device=device.type, **overrides)
-    if device.type == "cuda":  # our CUDA defaults: a batch that fills the GPU, lr scaled linearly
-        tp = dataclasses.replace(tp, batch_size=32, lr=tp.lr * 8, amp=True)
+    if batch is None:  # our defaults: CUDA a batch that fills the GPU, lr scaled linearly; CPU the tutorial's
+        batch = 32 if device.type == "cuda" else tp.batch_size
+    tp = dataclasses.replace(tp, batch_size=batch, lr=tp.lr * batch / 4)
     configure(tp, device, seed)
     model = build_model("resnet18", 2)
     if weights is not None:
         load_backbone(model, weights, "weights")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     history = train(model, load_split(prepared, "train"), load_split(prepared, "val"), tp, device, seed)
     total = time.perf_counter() - start
@@ -124,13 +137,26 @@ def ours(prepared: Path, mode: str, epochs: int, device, seed: int, weights, **o
         "best_val_acc": history.best_val_acc,
         "total_seconds": total,
         "batch_size": tp.batch_size,
+        "lr": tp.lr,
         "amp": tp.amp and device.type == "cuda",
+        "cuda_graphs": history.cuda_graphs,
+        "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
 
 
-def per_epoch(result) -> float:
-    s = result["epoch_seconds"]
-    return statistics.median(s[1:]) if len(s) > 1 else s[0]
+def seeded(fn, seeds) -> dict:
+    """fn(seed) for every seed; epoch seconds pooled (first epoch of each seed left out), accuracy medians."""
+    runs = [fn(seed) for seed in seeds]
+    later = [s for r in runs for s in (r["epoch_seconds"][1:] or r["epoch_seconds"])]
+    return {
+        **{k: v for k, v in runs[0].items() if k not in ("epoch_seconds", "best_val_acc", "total_seconds")},
+        "seeds": list(seeds),
+        "epoch_seconds": [r["epoch_seconds"] for r in runs],
+        "best_val_acc": [r["best_val_acc"] for r in runs],
+        "best_val_acc_median": statistics.median(r["best_val_acc"] for r in runs),
+        "epoch_s": statistics.median(later),
+        "total_seconds": [r.get("total_seconds", sum(r["epoch_seconds"])) for r in runs],
+    }
 
 
 def main():
@@ -147,6 +173,11 @@ def main():
         "--fe-uncached", action="store_true", help="also time our feature_extractor with augmentation"
     )
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--seeds", type=int, default=1, help="repeat every run with this many seeds")
+    ap.add_argument(
+        "--ours", default="", help="our variants, e.g. 4,4:off,32 (batch[:cuda_graphs]); default: device's"
+    )
+    ap.add_argument("--crop", type=int, default=224, help="network input size (smaller for dry runs)")
     args = ap.parse_args()
     device = select_device(args.device)
     if not (args.prepared / "train.pt").exists():
@@ -184,33 +215,45 @@ def main():
     ]
     if args.fe_uncached:
         plan.append(("feature_extractor", args.fe_epochs, {}))
-    tutorial = {}  # one tutorial run per (mode, epochs), compared with each of our variants
+    seeds = range(args.seed, args.seed + args.seeds)
+    n_val = len(load_split(args.prepared, "val"))
+    variants = [v.strip() for v in args.ours.split(",") if v.strip()] if args.ours else [None]
     for mode, epochs, extra in plan:
         if args.only and mode != args.only:
             continue
         label = mode + ("+cache_features" if extra else "")
-        print(f"== {label}: {epochs} epochs on {name}", file=sys.stderr, flush=True)
-        if (mode, epochs) not in tutorial:
-            tutorial[mode, epochs] = tutorial_loop(args.prepared, mode, epochs, device, args.seed, weights)
-        a = tutorial[mode, epochs]
-        b = ours(args.prepared, mode, epochs, device, args.seed, weights, **extra)
-        row = {
-            "epochs": epochs,
-            "tutorial": a,
-            "ours": b,
-            "tutorial_epoch_s": per_epoch(a),
-            "ours_epoch_s": per_epoch(b),
-            "epoch_ratio": per_epoch(a) / per_epoch(b),
-            "total_ratio": sum(a["epoch_seconds"]) / b["total_seconds"],
-        }
-        results["runs"][label] = row
-        print(
-            f"{label:>30}: tutorial {row['tutorial_epoch_s']:.3f} s/epoch (acc {a['best_val_acc']:.4f}), "
-            f"ours {row['ours_epoch_s']:.3f} s/epoch (acc {b['best_val_acc']:.4f}); "
-            f"per-epoch ratio {row['epoch_ratio']:.1f}x, whole-run ratio {row['total_ratio']:.1f}x",
-            file=sys.stderr,
-            flush=True,
+        print(f"== {label}: {epochs} epochs on {name}, seeds {list(seeds)}", file=sys.stderr, flush=True)
+        tut = functools.partial(
+            tutorial_loop, args.prepared, mode, epochs, device, weights=weights, crop=args.crop
         )
+        a = seeded(lambda s: tut(seed=s), seeds)  # noqa: B023 (called at once)
+        row = results["runs"][label] = {
+            "epochs": epochs,
+            "n_val": n_val,
+            "tutorial": a,
+            "tutorial_epoch_s": a["epoch_s"],
+        }
+        row["variants"] = {}
+        for v in variants:
+            batch, _, graphs = (v or "").partition(":")
+            over = {**extra, "crop": args.crop, "cuda_graphs": graphs or "auto"}
+            run = functools.partial(ours, args.prepared, mode, epochs, device, weights=weights, **over)
+            b = seeded(lambda s: run(seed=s, batch=int(batch) if batch else None), seeds)  # noqa: B023
+            key = f"b{b['batch_size']}" + (f"-graphs-{graphs}" if graphs else "")
+            b["epoch_ratio"] = a["epoch_s"] / b["epoch_s"]
+            b["acc_diff_images"] = round((b["best_val_acc_median"] - a["best_val_acc_median"]) * n_val)
+            row["variants"][key] = b
+            print(
+                f"{label:>30} {key}: tutorial {a['epoch_s']:.3f} s/epoch (acc {a['best_val_acc_median']:.4f}), "
+                f"ours {b['epoch_s']:.4f} s/epoch (acc {b['best_val_acc_median']:.4f}, graphs {b['cuda_graphs']}); "
+                f"per-epoch ratio {b['epoch_ratio']:.1f}x",
+                file=sys.stderr,
+                flush=True,
+            )
+            if args.out:  # after every run: a run cut short keeps what it measured
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
+        first = next(iter(row["variants"].values()))
+        row.update(ours=first, ours_epoch_s=first["epoch_s"], epoch_ratio=first["epoch_ratio"])
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         results["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -101,6 +101,12 @@ class TrainParams:
         False, doc="feature_extractor without augmentation: run the frozen backbone once"
     )
     compile: bool = _f(False, doc="torch.compile the model (CUDA)")
+    cuda_graphs: str = _f(
+        "auto",
+        choices=("auto", "on", "off"),
+        doc="CUDA: the whole train step as one captured CUDA graph (not with compile or cache_features); "
+        "auto: on, falling back to eager if capture fails; on: a failed capture is an error",
+    )
     threads: int = _f(0, min=0, doc="CPU threads; 0: torch's default")
 
 

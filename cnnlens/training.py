@@ -2,7 +2,11 @@
 
 The loop is the tutorial's (SGD + StepLR, keep the best-val-accuracy epoch) with the data path
 replaced: the packed images live on the training device, augmentation is one batched op, and
-on CUDA the model runs in bf16 autocast with channels_last.
+on CUDA the model runs in bf16 autocast with channels_last. At the tutorial's batch 4 a CUDA step
+is bound by kernel launches, not compute, so on CUDA (train.cuda_graphs) the whole train step -
+forward, backward and the SGD update - is captured once as a CUDA graph and replayed: the
+augmented batch is copied into its static input buffer, the learning rate is a tensor the graph
+reads, so StepLR changes it without a re-capture.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cnnlens.cli import log
 from cnnlens.config import TrainParams
 from cnnlens.losses import LOSSES
 from cnnlens.model import autocast, get_module, head_name, predict_logits, set_module
@@ -29,6 +34,7 @@ class History:
     best_state: dict | None = None
     images_seen: int = 0
     train_seconds: float = 0.0
+    cuda_graphs: bool = False  # whether the train step ran as a captured CUDA graph
 
 
 def configure(tp: TrainParams, device: torch.device, seed: int) -> None:
@@ -75,6 +81,70 @@ def backbone_features(model: nn.Module, images: torch.Tensor, crop: int, device,
         set_module(model, name, head)
 
 
+def sgd_update(params, grads, bufs, neg_lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
+    """torch.optim.SGD's foreach update (dampening 0, no nesterov, momentum buffers existing) with
+    the learning rate a tensor (-lr), so a CUDA graph can capture it and StepLR can change it.
+
+    torch.optim.SGD adds `alpha=-lr` (a Python number, read once at capture); here the step is
+    multiplied by the tensor first: the same update up to one float rounding per step.
+    """
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        grads = bufs
+    torch._foreach_add_(params, torch._foreach_mul(grads, neg_lr))
+
+
+class GraphedStep:
+    """The whole train step as one CUDA graph. The first WARMUP full batches run eagerly on a side
+    stream (real steps; they also create SGD's momentum buffers and let cuDNN pick its kernels),
+    the next is captured and from then on every full batch is replayed. Autocast's weight cache is
+    off inside the graph, as torch's CUDA graph notes require."""
+
+    WARMUP = 3
+
+    def __init__(self, loop: "Loop"):
+        self.loop, self.graph, self.warm = loop, None, 0
+        self.neg_lr = torch.zeros((), device=loop.device)
+        self.side = torch.cuda.Stream(loop.device)
+
+    def set_lr(self, lr: float) -> None:
+        self.neg_lr.fill_(-lr)
+
+    def __call__(self, x, y):
+        """One step: eager on the side stream while warming up, else a replay (capture first)."""
+        if self.graph is None:
+            self.warm += 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                out = self.loop.eager_step(x, y)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return out
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.loss, self.logits
+
+    def capture(self, x, y) -> None:
+        loop, tp = self.loop, self.loop.tp
+        self.x, self.y = x.clone(), y.clone()
+        params = list(loop.optimizer.param_groups[0]["params"])
+        bufs = [loop.optimizer.state[p].get("momentum_buffer") for p in params] if tp.momentum else []
+        loop.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=loop.use_amp, cache_enabled=False):
+                self.logits = loop.net(self.x)
+                self.loss = LOSSES[tp.loss].fn(self.logits.float(), self.y, tp)
+            self.loss.backward()
+            self.grads = [p.grad for p in params]  # graph-owned: kept alive, rewritten by every replay
+            sgd_update(params, self.grads, bufs, self.neg_lr, tp.momentum, tp.weight_decay)
+        self.graph = graph
+        # capturing ran nothing: copy and replay this batch as every later one (see __call__)
+
+
 class Loop:
     """What one run needs on the device: the model (compiled or not), the optimiser, the data and the
     one seeded generator that draws the permutation and the augmentation boxes."""
@@ -102,6 +172,9 @@ class Loop:
             self.train_x = train_split.images.to(device)  # uint8: 244 x 3 x 256 x 256 is 48 MB
             self.val_x = val_split.images.to(device)
         self.train_y, self.val_y = train_split.labels.to(device), val_split.labels
+        self.graphed = None
+        if device.type == "cuda" and tp.cuda_graphs != "off" and not tp.compile and not self.cached:
+            self.graphed = GraphedStep(self)
 
     def inputs(self, idx: torch.Tensor) -> torch.Tensor:
         """The network's input for these training images: cached features, an augmented or a centre crop."""
@@ -116,23 +189,50 @@ class Loop:
             x = eval_inputs(self.train_x[idx], tp.crop)
         return x.contiguous(memory_format=torch.channels_last) if self.use_amp else x
 
+    def eager_step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on batch (x, y); returns (loss, logits)."""
+        with autocast(self.device, self.tp.amp):
+            logits = self.net(x)
+            loss = LOSSES[self.tp.loss].fn(logits.float(), y, self.tp)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss, logits
+
+    def step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graphed step for full batches when graphs are on; a last, smaller batch runs eagerly
+        (same update, same momentum buffers), so no image is dropped or padded."""
+        g = self.graphed
+        if g is None or len(y) != self.tp.batch_size:
+            return self.eager_step(x, y)
+        if g.graph is None and g.warm >= g.WARMUP:
+            try:
+                g.capture(x, y)
+            except RuntimeError as exc:
+                if self.tp.cuda_graphs == "on":
+                    raise
+                # auto: a model or loss that cannot be captured (a host sync) trains eagerly instead;
+                # nothing ran during the failed capture, so this batch's eager step is its only step
+                log(f"finetune: CUDA graph capture failed ({str(exc).splitlines()[0]}); training eagerly")
+                self.graphed = None
+                torch.cuda.synchronize()
+                return self.eager_step(x, y)
+        return g(x, y)
+
     def train_epoch(self) -> tuple[float, float]:
         """One pass over the training set in a seeded random order; returns (mean loss, accuracy)."""
-        tp, device, loss_fn = self.tp, self.device, LOSSES[self.tp.loss].fn
+        tp, device = self.tp, self.device
         set_train_mode(self.model, tp.mode)
+        if self.graphed is not None:
+            self.graphed.set_lr(self.optimizer.param_groups[0]["lr"])
         order = torch.randperm(len(self.train_y), generator=self.generator).to(device)
         total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for i in range(0, len(order), tp.batch_size):
             idx = order[i : i + tp.batch_size]
-            x = self.inputs(idx)
-            with autocast(device, tp.amp):
-                logits = self.net(x)
-                loss = loss_fn(logits.float(), self.train_y[idx], tp)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            y = self.train_y[idx]
+            loss, logits = self.step(self.inputs(idx), y)
             total_loss += loss.detach() * len(idx)
-            correct += (logits.argmax(1) == self.train_y[idx]).sum()
+            correct += (logits.argmax(1) == y).sum()
         n = len(self.train_y)
         return float(total_loss) / n, float(correct) / n
 
@@ -181,6 +281,7 @@ def train(
         }
         history.epochs.append(row)
         history.images_seen += len(loop.train_y)
+        history.cuda_graphs = loop.graphed is not None and loop.graphed.graph is not None
         history.train_seconds += seconds
         if val_acc > history.best_val_acc:
             history.best_val_acc, history.best_epoch = val_acc, epoch

@@ -7,6 +7,7 @@ python -m stages.finetune --data data/prepared --weights data/weights --model mo
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -45,10 +46,8 @@ def main(argv=None):
         f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}"
     )
 
-    from dvclive import Live  # imported here: dvclive is slow to import and only main() logs
-
     with atomic_path(args.live) as live_dir:
-        with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        with live_logger(live_dir) as live:
 
             def on_epoch(row):
                 for key, value in row.items():
@@ -80,8 +79,51 @@ def main(argv=None):
     )
 
 
+class PlainLive:
+    """The files DVCLive writes for log_metric(plot=True) + next_step(), without dvclive: one
+    plots/metrics/<key>.tsv per metric (`step<TAB>key` rows) and metrics.json with the last values.
+    Used where dvclive is not installed (the GPU box); the plots in dvc.yaml read the same files."""
+
+    def __init__(self, root):
+        self.root, self.step, self.rows, self.last = Path(root), 0, {}, {}
+
+    def log_metric(self, key, value, plot=True):
+        self.rows.setdefault(key, []).append(f"{self.step}\t{value}")
+        self.last[key] = value
+
+    def next_step(self):
+        folder = self.root / "plots" / "metrics"
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, rows in self.rows.items():
+            (folder / f"{key}.tsv").write_text("\n".join([f"step\t{key}", *rows]) + "\n")
+        (self.root / "metrics.json").write_text(json.dumps({**self.last, "step": self.step}, indent=4))
+        self.step += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def live_logger(live_dir):
+    """DVCLive when installed (imported here: it is slow to import), else PlainLive."""
+    try:
+        from dvclive import Live
+    except ImportError:
+        log("finetune: dvclive not installed; writing its per-epoch TSV/JSON files directly")
+        return PlainLive(live_dir)
+    return Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+
+
 def summary(h: History, device) -> dict:
     last = h.epochs[-1]
+    cuda = {}
+    if device.type == "cuda":  # CPU metrics keep their keys (and bytes) as before
+        cuda = {
+            "cuda_graphs": h.cuda_graphs,
+            "cuda_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        }
     return {
         "best_val_acc": h.best_val_acc,
         "best_epoch": h.best_epoch,
@@ -89,6 +131,7 @@ def summary(h: History, device) -> dict:
         "total_seconds": round(h.train_seconds, 3),
         "images_per_second": round(h.images_seen / max(h.train_seconds, 1e-9), 2),
         "device": device_name(device),
+        **cuda,
     }
 
 
