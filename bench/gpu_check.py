@@ -38,6 +38,13 @@ BLOCK = "import sys, runpy; sys.modules.update(dvc=None, dvclive=None, captum=No
 # Seconds each step may take, so that the whole run ends within 8 minutes on the GPU box.
 # The bench step gets what is left of TOTAL once the saliency step's share is set aside.
 BUDGET = {"tests": 90, "pipeline": 120, "bench": 300, "saliency": 40, "total": 450}
+# GPU_CHECK_BUDGET="pipeline=170,total=330" and GPU_CHECK_BENCH="--only finetune ..." adjust a rerun.
+BUDGET.update(
+    {
+        k: float(v)
+        for k, v in (kv.split("=") for kv in os.environ.get("GPU_CHECK_BUDGET", "").split(",") if kv)
+    }
+)
 TINY_BUDGET = {"tests": 300, "pipeline": 900, "bench": 900, "saliency": 300, "total": 3000}
 
 TINY = {  # a CPU dry run: few images, small crops, few epochs; the same code paths
@@ -279,7 +286,16 @@ class Check:
         if self.args.tiny:
             plan = ["--epochs", "2", "--fe-epochs", "2", "--seeds", "1", "--ours", "4,32", "--crop", "32"]
         else:  # the tutorial's 25 epochs, 3 seeds; the graphs-off reference last (cut first if time runs out)
-            plan = ["--epochs", "25", "--fe-epochs", "5", "--seeds", "3", "--ours", "4,32,4:off"]
+            plan = shlex.split(os.environ.get("GPU_CHECK_BENCH", "")) or [
+                "--epochs",
+                "25",
+                "--fe-epochs",
+                "5",
+                "--seeds",
+                "3",
+                "--ours",
+                "4,32,4:off",
+            ]
         cmd = [sys.executable, ROOT / "bench" / "bench_train.py", "--device", self.args.device]
         cmd += ["--raw", self.data, "--prepared", self.project / "data" / "prepared", "--out", out, *plan]
         left = self.end - time.perf_counter() - self.budget["saliency"] - 10

@@ -81,6 +81,7 @@ def backbone_features(model: nn.Module, images: torch.Tensor, crop: int, device,
         set_module(model, name, head)
 
 
+@torch.no_grad()  # an in-place update of leaf parameters, as in torch.optim
 def sgd_update(params, grads, bufs, neg_lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
     """torch.optim.SGD's foreach update (dampening 0, no nesterov, momentum buffers existing) with
     the learning rate a tensor (-lr), so a CUDA graph can capture it and StepLR can change it.

@@ -172,7 +172,8 @@ def test_random_resized_crop_on_gpu_equals_cpu(flip):
 @pytest.mark.skipif(not HAS_CUDA, reason="torch sees no CUDA GPU")
 @pytest.mark.parametrize("name", list(METHODS))
 def test_saliency_on_gpu_equals_cpu(name):
-    """Every method's raw maps on CUDA (fp32, TF32 off) vs the CPU's, within 1e-4 of each image's map max.
+    """Every method's raw maps on CUDA (fp32, TF32 off) vs the CPU's: within 1e-4 of each image's map max
+    for the one-pass methods (gradient, Grad-CAM); see below for the many-pass ones.
     With TF32 convolutions (cuDNN's default, 10-bit mantissa) they differ more; bench/gpu_check.py
     measures that difference for the saliency stage's default flags instead of asserting it."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -185,7 +186,16 @@ def test_saliency_on_gpu_equals_cpu(name):
     gpu = explain(name, to_device(model, torch.device("cuda")), x.cuda(), target, sp, seed=0)
     scale = cpu.abs().flatten(1).amax(1).clamp_min(1e-6 * float(cpu.abs().max()) + 1e-30)
     scale = scale.view(-1, *[1] * (cpu.dim() - 1))  # an all-zero Grad-CAM map is scored against the batch's
-    assert ((gpu - cpu).abs() / scale).max() <= 1e-4
+    err = (gpu - cpu).abs() / scale
+    if METHODS[name].passes(sp) == 1:
+        assert err.max() <= 1e-4
+    else:
+        # SmoothGrad and IG take gradients at noisy or interpolated inputs, where many ReLUs sit near 0:
+        # float rounding flips a few gates, which changes those gradients discontinuously. Measured on an
+        # H200 (2026-11-27): max 1.8e-3 (SmoothGrad) and 9.8e-3 (IG) of the map's max. A few pixels may
+        # differ that much; the maps as a whole must agree.
+        assert err.max() <= 5e-2 and err.mean() <= 1e-4
+        assert torch.corrcoef(torch.stack([gpu.flatten(), cpu.flatten()]))[0, 1] >= 0.9999
 
 
 TIMINGS = ("total_seconds", "images_per_second", "cuda_max_allocated_mb")
