@@ -102,10 +102,11 @@ class TrainParams:
     )
     compile: bool = _f(False, doc="torch.compile the model (CUDA)")
     cuda_graphs: str = _f(
-        "auto",
+        "off",
         choices=("auto", "on", "off"),
-        doc="CUDA: the whole train step as one captured CUDA graph (not with compile or cache_features); "
-        "auto: on, falling back to eager if capture fails; on: a failed capture is an error",
+        doc="CUDA, experimental: the whole train step as one captured CUDA graph (not with compile or "
+        "cache_features); auto: on, falling back to eager if capture fails; on: a failed capture is an error. "
+        "Off by default until graphed training is shown equal to eager on a GPU (BENCHMARKS.md, GPU)",
     )
     threads: int = _f(0, min=0, doc="CPU threads; 0: torch's default")
 

@@ -198,7 +198,9 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss, logits
+        # detached: a loss or logits kept alive would keep this step's autograd graph, and with it the
+        # parameters' AccumulateGrad nodes, alive into a CUDA-graph capture on another stream
+        return loss.detach(), logits.detach()
 
     def step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """The graphed step for full batches when graphs are on; a last, smaller batch runs eagerly

@@ -192,9 +192,9 @@ def test_saliency_on_gpu_equals_cpu(name):
     else:
         # SmoothGrad and IG take gradients at noisy or interpolated inputs, where many ReLUs sit near 0:
         # float rounding flips a few gates, which changes those gradients discontinuously. Measured on an
-        # H200 (2026-11-27): max 1.8e-3 (SmoothGrad) and 9.8e-3 (IG) of the map's max. A few pixels may
-        # differ that much; the maps as a whole must agree.
-        assert err.max() <= 5e-2 and err.mean() <= 1e-4
+        # H200 (2026-11-27): max 1.8e-3 (SmoothGrad) and 9.8e-3 (IG) of the map's max, IG's mean 1.0e-4.
+        # A few pixels may differ that much; the maps as a whole must agree.
+        assert err.max() <= 5e-2 and err.mean() <= 5e-4
         assert torch.corrcoef(torch.stack([gpu.flatten(), cpu.flatten()]))[0, 1] >= 0.9999
 
 
@@ -246,8 +246,9 @@ def test_graphed_training_equals_eager(tmp_path, amp):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="torch sees no CUDA GPU")
 def test_deterministic_training_is_bit_identical_on_gpu(tmp_path):
-    """train.deterministic: true, twice through the finetune stage on the GPU (with its default
-    CUDA graphs and bf16): bit-identical weights and identical metrics apart from timings."""
+    """train.deterministic: true, twice through the finetune stage on the GPU (bf16, the default params):
+    bit-identical weights and identical metrics apart from timings. Passed on an H200 on 2026-11-27, when
+    train.cuda_graphs defaulted to auto (graphs on)."""
     prepared = make_prepared(tmp_path / "prepared", n_train=26, n_val=8, size=40)
     weights = make_weights_dir(tmp_path / "weights")
     train_over = {"epochs": 2, "batch_size": 4, "crop": 32, "deterministic": True, "device": "cuda"}
