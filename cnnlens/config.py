@@ -219,6 +219,8 @@ def _check(key, value, hint, meta, source):
             fail("a number" + _range(lo, hi))
         value = float(value)
     elif base is str:
+        if isinstance(value, bool) and choices and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 (PyYAML, DVC's -S) reads a bare on/off as a boolean
         if not isinstance(value, str):
             fail("a string" + (f", one of: {', '.join(choices)}" if choices else ""))
     elif base is list:

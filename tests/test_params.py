@@ -79,3 +79,11 @@ def test_merge_cli_validates(tmp_path):
     (tmp_path / "over.yaml").write_text("train: {batch_size: 0}\n")
     proc = run_stage("cnnlens.config", "merge", ROOT / "params.yaml", tmp_path / "over.yaml")
     assert proc.returncode == 2 and "train.batch_size = 0" in proc.stderr
+
+
+def test_bare_on_off_read_as_yaml_booleans_still_mean_on_and_off():
+    """`cuda_graphs: off` (or `dvc exp run -S train.cuda_graphs=off`) reaches us as False (YAML 1.1)."""
+    assert parse_params({"train": {"cuda_graphs": False}}).train.cuda_graphs == "off"
+    assert parse_params({"train": {"cuda_graphs": True}}).train.cuda_graphs == "on"
+    with pytest.raises(ParamsError, match="train.amp"):
+        parse_params({"train": {"amp": "yes"}})
