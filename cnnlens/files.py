@@ -8,9 +8,11 @@ could cache as done.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,8 +66,11 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
 def _reserve(path: Path) -> Path:
     """A fresh temporary name beside `path` (created and removed: the caller makes a file or a dir)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run
-        remove_path(stale)
+    # left by a killed run: exactly our names (mkdtemp adds 8 characters), not another out's (.x.json.*)
+    mine = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp(\.old\.tmp)?")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if mine.fullmatch(stale.name):
+            remove_path(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.rmdir()
     return tmp

@@ -414,3 +414,28 @@ def test_second_copy_of_a_stage_is_refused(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_failed_rename_puts_every_old_out_back(tmp_path, monkeypatch):
+    """atomic_outputs: when the last rename fails, the outs already renamed are rolled back."""
+    from cnnlens import files
+
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "old.csv").write_text("old\n")
+    (tmp_path / "m.json").write_text("{}\n")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        name = Path(src).name  # the new metrics file, not the old one being put back
+        if name.startswith(".m.json.") and not name.endswith(".old.tmp") and Path(dst).name == "m.json":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(OSError), files.atomic_outputs(tmp_path / "plots", tmp_path / "m.json") as (plots, m):
+        plots.mkdir()
+        (plots / "new.csv").write_text("new\n")
+        m.write_text('{"new": 1}\n')
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["old.csv"]
+    assert (tmp_path / "m.json").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "plots"]
