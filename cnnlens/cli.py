@@ -125,7 +125,8 @@ def disk_error_line(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
         where = str(exc.filename) if exc.filename is not None else "a file"
         where += f" -> {exc.filename2}" if exc.filename2 else ""
-        return f"cannot write {where}: {exc.strerror or os.strerror(exc.errno)}; {DISK_ERRORS[exc.errno]}"
+        verb = "access" if exc.errno in (errno.EACCES, errno.EPERM) else "write"
+        return f"cannot {verb} {where}: {exc.strerror or os.strerror(exc.errno)}; {DISK_ERRORS[exc.errno]}"
     return None
 
 

@@ -45,7 +45,10 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
     tmps: list[Path] = []
     try:
         for path in paths:
-            tmps.append(_reserve(path))
+            try:
+                tmps.append(_reserve(path))
+            except OSError as exc:  # name the out, not its temporary
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
         try:
             yield tmps
         except OSError as exc:
