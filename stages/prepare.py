@@ -107,10 +107,13 @@ def decode_all(raw: Path, splits: dict, classes: list[str], p) -> list:
         except BadImage as exc:
             return job, None, str(exc)
 
-    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding and resizing
+    pool = ThreadPoolExecutor()  # PIL releases the GIL while decoding and resizing
+    try:
         return list(
             tqdm(pool.map(work, jobs), total=len(jobs), desc="prepare", unit="img", leave=False, disable=None)
         )
+    finally:  # a stop (SIGTERM from a dying dvc, Ctrl-C) must not wait for every queued image
+        pool.shutdown(cancel_futures=True)
 
 
 def write_prepared(out: Path, results: list, classes: list[str]) -> list[dict]:
