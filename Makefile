@@ -26,7 +26,10 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
 # The real data (needs internet, or set data.source / model.weights to local paths in params.yaml).
+# The whole params file is checked first: `dvc repro` runs only stages whose params changed, so a
+# misspelt top-level key (read by no stage) would otherwise pass unseen.
 run: $(BIN)/.installed
+	$(BIN)/python -m cnnlens.config check params.yaml
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
 
 bench: $(BIN)/.installed

@@ -60,6 +60,13 @@ class DataParams:
     timeout: float = _f(30.0, min=1.0, doc="connect/read timeout in seconds")
     retries: int = _f(3, min=0, max=10)
     max_extract_mb: int = _f(2048, min=1, doc="refuse archives that unpack to more than this")
+    symlinks: str = _f(
+        "inside",
+        choices=("inside", "refuse", "follow"),
+        doc="links in a local ImageFolder dir: inside = copy those whose target is in the folder, "
+        "refuse = none, follow = any target; a dangling link or one file in two split/class folders "
+        "is always refused",
+    )
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
 
@@ -75,6 +82,9 @@ class PrepareParams:
     val_fraction: float = _f(0.2, min=0.01, max=0.9, doc="used only when the raw data has no val/ folder")
     on_bad_image: str = _f("skip", choices=("skip", "fail"))
     max_pixels: int = _f(89_478_485, min=1, doc="larger images are treated as decompression bombs")
+    max_aspect: float = _f(
+        20.0, min=1.0, max=1000.0, doc="images longer than this times their short side are bad"
+    )
 
 
 @dataclass(frozen=True)
@@ -163,9 +173,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.exists():
         raise ParamsError(f"{path}: not found; run from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:  # an empty file would silently mean "all defaults"
+        raise ParamsError(
+            f"{path}: is empty; expected the sections {', '.join(f.name for f in dataclasses.fields(Params))} "
+            "(copy the project's params.yaml)"
+        )
     return parse_params(raw, source=str(path))
 
 

@@ -8,9 +8,11 @@ could cache as done.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,20 +28,78 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Works for files and directories: the caller creates whatever it wants at the yielded path.
     On any exception the temporary is removed and `path` is left as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run
-        remove_path(stale)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.rmdir()  # the caller creates a file or a directory here
-    try:
+    with atomic_outputs(path) as (tmp,):
         yield tmp
-        if not tmp.exists():
-            raise StageError(f"internal error: nothing was written for {path}")
-        remove_path(path)
-        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """Yield one temporary path beside each of `paths`; when the block succeeds, rename them all
+    into place in the order given (put the metrics file last), or, if any rename fails, put every
+    old out back. A stage's outs are thus replaced together or not at all.
+
+    The temporaries are reserved on entry, so a read-only or missing folder fails before any work
+    is written. On any exception every temporary is removed and every `path` is left as it was.
+    """
+    paths = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    try:
+        for path in paths:
+            try:
+                tmps.append(_reserve(path))
+            except OSError as exc:  # name the out, not its temporary
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        try:
+            yield tmps
+        except OSError as exc:
+            if exc.filename is not None or exc.errno is None:
+                raise
+            # a failed write() names no file: name the folders the outs were being written in
+            where = ", ".join(dict.fromkeys(str(p.parent) for p in paths))
+            raise OSError(exc.errno, exc.strerror, f"a file under {where}") from exc
+        for path, tmp in zip(paths, tmps):
+            if not tmp.exists():
+                raise StageError(f"internal error: nothing was written for {path}")
+        _commit(paths, tmps)
     finally:
-        remove_path(tmp)
+        for tmp in tmps:
+            remove_path(tmp)
+
+
+def _reserve(path: Path) -> Path:
+    """A fresh temporary name beside `path` (created and removed: the caller makes a file or a dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # left by a killed run: exactly our names (mkdtemp adds 8 characters), not another out's (.x.json.*)
+    mine = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp(\.old\.tmp)?")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if mine.fullmatch(stale.name):
+            remove_path(stale)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.rmdir()
+    return tmp
+
+
+def _commit(paths: list[Path], tmps: list[Path]) -> None:
+    """Rename each tmp onto its path, keeping the old outs aside until all are in; undo on failure."""
+    done: list[tuple[Path, Path | None]] = []  # (path, its old version moved aside, or None)
+    try:
+        for path, tmp in zip(paths, tmps):
+            old = None
+            if path.exists() or path.is_symlink():
+                old = Path(f"{tmp}.old.tmp")
+                os.replace(path, old)
+            done.append((path, old))
+            os.replace(tmp, path)
+    except BaseException:
+        for path, old in reversed(done):
+            with contextlib.suppress(OSError):
+                if old is not None:
+                    remove_path(path)
+                    os.replace(old, path)
+        raise
+    for _, old in done:
+        if old is not None:
+            remove_path(old)
 
 
 def remove_path(path: str | os.PathLike) -> None:
@@ -84,6 +144,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """torch.save with its write errors made readable: torch reports a full disk as
+    `RuntimeError: [enforce fail at inline_container.cc...] unexpected pos`, naming no file."""
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except OSError:
+        raise
+    except RuntimeError as exc:
+        free = shutil.disk_usage(Path(path).parent).free // 2**20
+        raise StageError(
+            f"cannot write {path}: torch.save failed ({str(exc).strip().splitlines()[0][:120]}); "
+            f"{free} MiB free on that filesystem: free space (df -h) and rerun"
+        ) from exc
 
 
 def load_torch(path: str | os.PathLike, what: str = "file"):

@@ -13,7 +13,7 @@ import torchvision
 from torch import Tensor, nn
 
 from cnnlens.cli import StageError
-from cnnlens.files import atomic_path, load_torch, read_json
+from cnnlens.files import atomic_path, load_torch, read_json, save_torch
 from cnnlens.losses import LOSSES
 from cnnlens.tensors import eval_inputs
 
@@ -92,6 +92,39 @@ def describe_mismatch(expected: dict, given: dict) -> str:
     return ", ".join(parts)
 
 
+def check_weights_file(path: str | Path, arch: str, key: str = "model.weights") -> int:
+    """Check that a local weights file is what initial_model will load: readable with weights_only=True,
+    a dict of tensors, every backbone tensor of `arch` present with its shape. Returns the tensor count.
+    Fails with one line naming `key` and the file as configured."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for text, corrupt or unsafe files
+        text = str(exc)
+        if "WeightsUnpickler error:" in text:  # torch's long advice hides the reason in the middle
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        why = " ".join(text.split())[:160]
+        raise StageError(
+            f"{key} = {str(path)!r} is not a checkpoint that loads with weights_only=True "
+            f"({type(exc).__name__}: {why}); expected a state_dict .pth for {arch}, "
+            "saved with torch.save(model.state_dict(), path)"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StageError(
+            f"{key} = {str(path)!r} holds a {type(state).__name__}, not a state_dict (a dict of tensors); "
+            f"save one with torch.save(model.state_dict(), path) for {arch}"
+        )
+    model = build_model(arch, 1)
+    head = head_name(model) + "."
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+    problems = describe_mismatch(own, {k: v for k, v in state.items() if not k.startswith(head)})
+    if problems:
+        raise StageError(
+            f"{key} = {str(path)!r} does not fit model.arch = {arch}: {problems}; "
+            "point model.weights at weights for this architecture, or change model.arch"
+        )
+    return len(state)
+
+
 def initial_model(arch: str, num_classes: int, weights_dir: str | Path) -> tuple[nn.Module, dict]:
     """The untuned network: downloaded weights (or random init) with a new head, as in the tutorial.
 
@@ -113,7 +146,7 @@ def save_checkpoint(models_dir: str | Path, model: nn.Module, meta: dict) -> Non
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(models_dir) as tmp:
         tmp.mkdir()
-        torch.save(state, tmp / "model.pt")
+        save_torch(state, tmp / "model.pt")
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

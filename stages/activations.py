@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cnnlens.cli import StageError, log, run_main, stage_args
 from cnnlens.config import select_device
 from cnnlens.figures import chw_to_hwc, feature_maps_figure, layer_stats_figure, save_figure
-from cnnlens.files import atomic_path, unique_stems, write_json
+from cnnlens.files import atomic_outputs, unique_stems, write_json
 from cnnlens.hooks import capture, layer_statistics, resolve_layers, top_maps
 from cnnlens.model import load_checkpoint, probabilities
 from cnnlens.tensors import denormalize, eval_inputs, load_split, normalize_maps, select_images
@@ -104,7 +104,9 @@ def write_statistics(out: Path, model, modules: dict, val, meta: dict, p, device
 
 
 def main(argv=None):
-    args, p = stage_args(__doc__, ("--data", "--model", "--metrics", "--out"), argv)
+    args, p = stage_args(
+        __doc__, ("--data", "--model", "--metrics", "--out"), argv, outs=("--out", "--metrics")
+    )
     p = p.activations
     device = select_device(p.device)
     model, meta = load_checkpoint(args.model)
@@ -114,11 +116,11 @@ def main(argv=None):
     if len(val) == 0:
         raise StageError(f"{args.data}/val.pt holds no images; nothing to show (check the prepare stage)")
     chosen = select_images(val, list(dict.fromkeys(p.images)), p.num_images)
-    with atomic_path(args.out) as out:
+    with atomic_outputs(args.out, args.metrics) as (out, metrics):  # together, the metrics last
         out.mkdir()
         write_grids(out, model, modules, chosen, meta, p, device)
         stats = write_statistics(out, model, modules, val, meta, p, device)
-    write_json(args.metrics, stats)
+        write_json(metrics, stats)
     if not meta["arch"].startswith("resnet"):
         log(
             f"note: {meta['arch']} blocks do not end in a ReLU; exact-zero sparsity is not comparable to a ResNet's"

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cnnlens.cli import ParamsError, StageError, log, run_main
+from cnnlens.cli import ParamsError, StageError, lock_outputs, log, run_main
 from cnnlens.config import load_params
 from cnnlens.fetch import download, find_imagefolder_root, safe_extract_zip
 from cnnlens.files import atomic_path, sha256_file, write_json
@@ -70,6 +70,7 @@ def main(argv=None):
     parser.add_argument("--params", default="params.yaml", type=Path)
     args = parser.parse_args(argv)
     p = load_params(args.params)
+    lock_outputs(args.out)
     if args.what == "data":
         get_data(p, args.out)
     else:
@@ -142,7 +143,7 @@ def get_local(p, pinned: str | None, out: Path, work: Path, tmp: Path) -> dict:
     source = p.data.source
     path = Path(source)
     if path.is_dir():
-        return copy_imagefolder(path, out, tmp)
+        return copy_imagefolder(path, out, tmp, p.data.symlinks)
     if not (path.is_file() and path.suffix.lower() == ".zip"):
         raise ParamsError(
             f"data.source = {source!r} is not allowed: not hymenoptera or synthetic, not an "
@@ -175,7 +176,7 @@ def unpack(p, archive: Path, work: Path, tmp: Path) -> None:
             os.replace(child, tmp / child.name)
 
 
-def copy_imagefolder(path: Path, out: Path, tmp: Path) -> dict:
+def copy_imagefolder(path: Path, out: Path, tmp: Path, symlinks: str) -> dict:
     src, dst = path.resolve(), out.resolve()
     if src == dst or dst in src.parents or src in dst.parents:
         raise ParamsError(
@@ -183,7 +184,10 @@ def copy_imagefolder(path: Path, out: Path, tmp: Path) -> dict:
             "point it at an ImageFolder directory elsewhere"
         )
     root = find_imagefolder_root(src)
-    shutil.copytree(root, tmp, symlinks=False, ignore=IGNORED, dirs_exist_ok=True)
+    entries, links = source_files(root, symlinks)
+    for rel, file in entries:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, tmp / rel)  # a link becomes a plain file: nothing outside is referenced
     # A directory has no single hash; a hash over the sorted (path, file hash) list identifies its content.
     files = sorted(f for f in tmp.rglob("*") if f.is_file())
     tree = hashlib.sha256()
@@ -197,7 +201,64 @@ def copy_imagefolder(path: Path, out: Path, tmp: Path) -> dict:
         "sha256": None,
         "tree_sha256": tree.hexdigest(),
         "files": len(files),
+        "symlinks": {"mode": symlinks, "copied": links},
     }
+
+
+def source_files(root: Path, mode: str) -> tuple[list[tuple[str, Path]], list[str]]:
+    """[(relative path, file to read)] under `root` and the symlinks among them, by data.symlinks.
+
+    Hidden files and __MACOSX are left out. A link is refused when it dangles, when mode is refuse,
+    when it leaves `root` (mode inside), and always when it puts one file into two <split>/<class>
+    folders (train/val leakage or two labels); a link to a folder brings the folder's files.
+    """
+    entries, links, seen = [], [], {}
+    # (folder to list, its relative path, the link it was reached through, the real folders above it)
+    todo = [(root, "", None, frozenset({root.resolve()}))]
+    while todo:
+        folder, prefix, via, chain = todo.pop(0)
+        for entry in sorted(folder.iterdir()):
+            if IGNORED(str(folder), [entry.name]):
+                continue
+            rel, reached = prefix + entry.name, via
+            if entry.is_symlink():
+                check_link(root, rel, entry, mode)
+                links.append(rel)
+                reached = rel
+            if entry.is_dir():
+                real = entry.resolve()
+                if real in chain:
+                    raise StageError(
+                        f"{root}: symlink {reached} -> {real} loops back to a folder above it; remove it"
+                    )
+                todo.append((entry, rel + "/", reached, chain | {real}))
+            elif entry.is_file():
+                group, real = "/".join(rel.split("/")[:2]), entry.resolve()
+                if seen.setdefault(real, (group, rel))[0] != group:
+                    other = seen[real][1]
+                    raise StageError(
+                        f"{root}: symlink {reached or rel} makes {real} appear as {other} and as {rel} "
+                        f"(in both {seen[real][0]} and {group}: leakage or two labels); remove the link"
+                    )
+                entries.append((rel, entry))
+    return entries, links
+
+
+def check_link(root: Path, rel: str, link: Path, mode: str) -> None:
+    target = os.readlink(link)
+    if mode == "refuse":
+        raise StageError(
+            f"{root}: {rel} is a symlink (-> {target}) and data.symlinks = refuse; "
+            "replace it with the file, or set data.symlinks: inside"
+        )
+    if not link.exists():
+        raise StageError(f"{root}: {rel} is a dangling symlink (-> {target}); remove it or fix its target")
+    real = link.resolve()
+    if mode == "inside" and root.resolve() not in real.parents:
+        raise StageError(
+            f"{root}: symlink {rel} points outside the data source (-> {real}); copy the file into "
+            "the folder or remove the link (data.symlinks: follow allows it)"
+        )
 
 
 def write_synthetic(p, tmp: Path) -> dict:
@@ -306,21 +367,7 @@ def get_weights(p, out: Path) -> None:
                 "sha256": got["sha256"],
             }
         else:
-            path = Path(choice)
-            if not path.is_file():
-                raise ParamsError(
-                    f"model.weights = {choice!r} is not allowed: not IMAGENET1K_V1 or none, and no "
-                    f"such file (relative paths start at {Path.cwd()}); expected a state_dict .pth"
-                )
-            shutil.copyfile(path, tmp / "weights.pth")
-            info = {
-                "source": "local",
-                "url": None,
-                "path": str(path.resolve()),
-                "arch": arch,
-                "bytes": (tmp / "weights.pth").stat().st_size,
-                "sha256": sha256_file(tmp / "weights.pth"),
-            }
+            info = local_weights(Path(choice), arch, tmp)
         write_json(tmp / "weights.json", info)
     what = (
         "no weights (random init)"
@@ -328,6 +375,28 @@ def get_weights(p, out: Path) -> None:
         else f"{info['bytes']} bytes, sha256 {info['sha256']}"
     )
     log(f"{out}: {arch} {choice}: {what}")
+
+
+def local_weights(path: Path, arch: str, tmp: Path) -> dict:
+    """A local state_dict file, checked here (not first in finetune) and copied into `tmp`."""
+    if not path.is_file():
+        raise ParamsError(
+            f"model.weights = {str(path)!r} is not allowed: not IMAGENET1K_V1 or none, and no "
+            f"such file (relative paths start at {Path.cwd()}); expected a state_dict .pth"
+        )
+    from cnnlens.model import check_weights_file  # imports torch: only for a local file
+
+    tensors = check_weights_file(path, arch)
+    shutil.copyfile(path, tmp / "weights.pth")
+    return {
+        "source": "local",
+        "url": None,
+        "path": str(path.resolve()),
+        "arch": arch,
+        "tensors": tensors,
+        "bytes": (tmp / "weights.pth").stat().st_size,
+        "sha256": sha256_file(tmp / "weights.pth"),
+    }
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pandas as pd
 from cnnlens.cli import log, run_main, stage_args
 from cnnlens.config import select_device
 from cnnlens.figures import chw_to_hwc, image_grid, save_figure
-from cnnlens.files import atomic_path, write_json
+from cnnlens.files import atomic_outputs, write_json
 from cnnlens.metrics import classification_metrics, confusion, pr_points, reliability_table, roc_points
 from cnnlens.model import load_checkpoint, predict_logits, probabilities
 from cnnlens.tensors import center_crop, load_split
@@ -26,8 +26,22 @@ def predictions_table(paths, y_true, proba, classes) -> pd.DataFrame:
     return table
 
 
+def write_plots(out, table, y_true, proba, ece_bins) -> None:
+    """The plot data (DVC's plots section reads these files) and the predictions table."""
+    table[["path", "true", "predicted"]].rename(columns={"true": "actual"}).to_csv(
+        out / "confusion.csv", index=False
+    )
+    table.to_csv(out / "predictions.csv", index=False)
+    pd.DataFrame(roc_points(y_true, proba)).to_csv(out / "roc.csv", index=False)
+    pd.DataFrame(pr_points(y_true, proba)).to_csv(out / "precision_recall.csv", index=False)
+    bins = [row for row in reliability_table(y_true, proba, ece_bins) if row["count"]]  # no empty bins
+    pd.DataFrame(bins).to_csv(out / "reliability.csv", index=False)
+
+
 def main(argv=None):
-    args, p = stage_args(__doc__, ("--data", "--model", "--metrics", "--plots"), argv)
+    args, p = stage_args(
+        __doc__, ("--data", "--model", "--metrics", "--plots"), argv, outs=("--plots", "--metrics")
+    )
     device = select_device(p.train.device)
     model, meta = load_checkpoint(args.model)
     classes = meta["classes"]
@@ -55,20 +69,11 @@ def main(argv=None):
     )
 
     cm = confusion(y_true, y_pred, len(classes))
-    with atomic_path(args.plots) as out:
+    with atomic_outputs(args.plots, args.metrics) as (out, metrics):  # together, the metrics last
         out.mkdir()
-        table[["path", "true", "predicted"]].rename(columns={"true": "actual"}).to_csv(
-            out / "confusion.csv", index=False
-        )
-        table.to_csv(out / "predictions.csv", index=False)
-        pd.DataFrame(roc_points(y_true, proba)).to_csv(out / "roc.csv", index=False)
-        pd.DataFrame(pr_points(y_true, proba)).to_csv(out / "precision_recall.csv", index=False)
-        bins = [
-            row for row in reliability_table(y_true, proba, p.evaluate.ece_bins) if row["count"]
-        ]  # no empty bins
-        pd.DataFrame(bins).to_csv(out / "reliability.csv", index=False)
+        write_plots(out, table, y_true, proba, p.evaluate.ece_bins)
         save_figure(gallery, out / "misclassified.png")
-    write_json(args.metrics, scores)
+        write_json(metrics, scores)
     log(
         f"evaluate: accuracy {scores['accuracy']:.4f}, balanced {scores['balanced_accuracy']:.4f}, "
         f"AUC {scores['roc_auc'] if scores['roc_auc'] is None else round(scores['roc_auc'], 4)}, "

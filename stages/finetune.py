@@ -13,7 +13,7 @@ import torch
 
 from cnnlens.cli import ParamsError, log, run_main, stage_args
 from cnnlens.config import device_name, select_device, to_dict
-from cnnlens.files import atomic_path, write_json
+from cnnlens.files import atomic_outputs, write_json
 from cnnlens.model import initial_model, save_checkpoint
 from cnnlens.tensors import MEAN, STD, load_classes, load_split
 from cnnlens.training import History, configure, train
@@ -31,8 +31,11 @@ def check(tp, device):
         torch.use_deterministic_algorithms(True)
 
 
+PATHS = ("--data", "--weights", "--model", "--metrics", "--live")
+
+
 def main(argv=None):
-    args, p = stage_args(__doc__, ("--data", "--weights", "--model", "--metrics", "--live"), argv)
+    args, p = stage_args(__doc__, PATHS, argv, outs=("--model", "--live", "--metrics"))
     tp = p.train
     device = select_device(tp.device)
     check(tp, device)
@@ -46,7 +49,8 @@ def main(argv=None):
         f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}"
     )
 
-    with atomic_path(args.live) as live_dir:
+    # the three outs are replaced together, the metrics last
+    with atomic_outputs(args.live, args.model, args.metrics) as (live_dir, model_dir, metrics):
         with live_logger(live_dir) as live:
 
             def on_epoch(row):
@@ -71,8 +75,8 @@ def main(argv=None):
             "best_epoch": history.best_epoch,
             "params_digest": params_digest(p),
         }
-        save_checkpoint(args.model, model, meta)
-    write_json(args.metrics, summary(history, device))
+        save_checkpoint(model_dir, model, meta)
+        write_json(metrics, summary(history, device))
     log(
         f"finetune: best val_acc {history.best_val_acc:.4f} at epoch {history.best_epoch}, "
         f"{history.train_seconds:.1f} s, {history.images_seen / history.train_seconds:.0f} img/s -> {args.model}"

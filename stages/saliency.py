@@ -32,7 +32,7 @@ from cnnlens.figures import (
     save_figure,
     scale_label,
 )
-from cnnlens.files import atomic_path, unique_stems, write_json
+from cnnlens.files import atomic_outputs, unique_stems, write_json
 from cnnlens.model import initial_model, load_checkpoint, predictions, to_device
 from cnnlens.quality import (
     baseline_maps,
@@ -296,7 +296,9 @@ def explain_all(out: Path, model, shown, scored, p, device, meta, weights_dir) -
 
 
 def main(argv=None):
-    args, p = stage_args(__doc__, ("--data", "--model", "--weights", "--metrics", "--out"), argv)
+    args, p = stage_args(
+        __doc__, ("--data", "--model", "--weights", "--metrics", "--out"), argv, outs=("--out", "--metrics")
+    )
     sp = p.saliency
     if not sp.methods:
         raise ParamsError(
@@ -310,20 +312,20 @@ def main(argv=None):
     shown = Batch(model, select_images(val, list(dict.fromkeys(sp.images)), sp.num_images), meta, device, sp)
     # scored for quality: a fixed choice, like `shown`
     scored = Batch(model, select_images(val, [], sp.quality_images or len(val)), meta, device, sp)
-    with atomic_path(args.out) as out:
+    with atomic_outputs(args.out, args.metrics) as (out, metrics_file):  # together, the metrics last
         out.mkdir()
         metrics, curves, skipped = explain_all(out, model, shown, scored, p, device, meta, args.weights)
-    dev, nr = device_name(device), min(len(scored.x), RANDOMIZATION_IMAGES)
-    extra = {
-        "n_images": len(shown.x),
-        "n_quality_images": len(scored.x),
-        "masks": scored.masks is not None,
-        "randomization_images": nr if curves else 0,
-        "randomization_skipped": skipped,
-        "device": dev,
-        "seconds": round(time.perf_counter() - began, 2),
-    }
-    write_json(args.metrics, {**metrics, **extra})
+        dev, nr = device_name(device), min(len(scored.x), RANDOMIZATION_IMAGES)
+        extra = {
+            "n_images": len(shown.x),
+            "n_quality_images": len(scored.x),
+            "masks": scored.masks is not None,
+            "randomization_images": nr if curves else 0,
+            "randomization_skipped": skipped,
+            "device": dev,
+            "seconds": round(time.perf_counter() - began, 2),
+        }
+        write_json(metrics_file, {**metrics, **extra})
     note = (
         (
             f"; randomisation check skipped for {', '.join(skipped)} (over {RANDOMIZATION_MAX_PASSES_CPU} pass "

@@ -529,9 +529,12 @@ def test_weights_override_bad_hash(server, tmp_path):
 
 
 def test_weights_local_file(tmp_path):
+    import torch
+    import torchvision
+
     (tmp_path / "src").mkdir()
-    body = os.urandom(2000)
-    (tmp_path / "src" / "mine.pth").write_bytes(body)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "src" / "mine.pth")
+    body = (tmp_path / "src" / "mine.pth").read_bytes()
     proc, out = run_stage(tmp_path, "weights", {"model": {"weights": str(tmp_path / "src" / "mine.pth")}})
     assert proc.returncode == 0, proc.stderr
     assert (out / "weights.pth").read_bytes() == body

@@ -97,7 +97,7 @@ def test_skip_policy_reports_every_bad_file_and_converts_modes(tmp_path):
     }
     tall = manifest[manifest.path == "train/bees/tall.png"].iloc[0]
     assert (tall.orig_width, tall.orig_height) == (30, 90)
-    assert Image.open(tmp_path / "out" / "train/bees/tall.jpg").size == (32, 96)  # short side resized
+    assert Image.open(tmp_path / "out" / "train/bees/tall.png.jpg").size == (32, 96)  # short side resized
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["ants", "bees"]
     assert "6 skipped" in proc.stderr
 
