@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LOCK ?= requirements-lock.txt
 CONSTRAINT := $(if $(LOCK),-c $(LOCK),)
 
-.PHONY: demo test lint run lock bench gpu-check clean
+.PHONY: demo test test-isa lint run lock bench gpu-check clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
+
+# The tests that train (marked `trajectory`) again on the oldest vector kernels, SSE4.1 with no AVX: a
+# training test must assert what holds on any CPU, not the trajectory one instruction set happens to give.
+test-isa: $(BIN)/.installed
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 $(BIN)/python -m pytest -q -m trajectory tests
 
 # House style (pyproject.toml): formatting and lint; CI runs it after the tests.
 lint: $(BIN)/.installed

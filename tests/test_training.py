@@ -19,30 +19,41 @@ def prepared(tmp_path_factory):
     return make_prepared(tmp_path_factory.mktemp("prepared"), n_train=24, n_val=12, size=40)
 
 
+@pytest.fixture(scope="module")
+def separable(tmp_path_factory):
+    """Dark vs bright images (150 grey levels apart under noise of 60): any working network separates them."""
+    return make_prepared(tmp_path_factory.mktemp("separable"), n_train=32, n_val=16, size=20)
+
+
+# Val accuracy is measured with BatchNorm's running statistics, which after random init lag the batch
+# statistics the network trains with; at a large step the two disagree (val loss in the hundreds while the
+# train loss is near 0) and when they agree again depends on the CPU's vector kernels (SSE4.1 and AVX2
+# round differently, and the difference grows). The old version of this test (24 images, batch 4,
+# 30 steps, 40 px images cropped to 32 px) passed under AVX2 and failed under SSE4.1. So: 48 steps, 16 at
+# lr, then 16 at lr/10 and 16 at lr/100, where the weights settle and the running statistics catch up;
+# 16 px crops of 20 px images (val sees the same scale as training) keep it cheap.
+LEARNS = {**TINY_TRAIN, "epochs": 12, "batch_size": 8, "step_size": 4, "crop": 16}
+
+
+@pytest.mark.trajectory
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("mode", ["finetune", "feature_extractor"])
 @pytest.mark.parametrize("loss", LOSS_REGISTRY)
-def test_every_loss_and_mode_learns(prepared, loss, mode):
-    # 30 SGD steps: enough for BatchNorm running statistics to settle after random init
-    tp = TrainParams(
-        **{
-            **TINY_TRAIN,
-            "loss": loss,
-            "mode": mode,
-            "epochs": 5,
-            "batch_size": 4,
-            "step_size": 4,
-            "lr": 0.01 if mode == "finetune" else 0.2,
-        }
-    )
-    configure(tp, torch.device("cpu"), 0)
+def test_every_loss_and_mode_learns(separable, loss, mode, seed):
+    lr = 0.01 if mode == "finetune" else 0.2
+    tp = TrainParams(**{**LEARNS, "loss": loss, "mode": mode, "lr": lr})
+    configure(tp, torch.device("cpu"), seed)
     model = build_model("resnet18", 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     history = train(
-        model, load_split(prepared, "train"), load_split(prepared, "val"), tp, torch.device("cpu"), 0
+        model, load_split(separable, "train"), load_split(separable, "val"), tp, torch.device("cpu"), seed
     )
-    assert history.best_val_acc == 1.0, history.epochs
-    # augmentation makes the train loss noisy from epoch to epoch; it must still come down
-    assert min(e["train_loss"] for e in history.epochs[1:]) < history.epochs[0]["train_loss"]
+    rows = [{k: round(v, 3) for k, v in e.items()} for e in history.epochs]
+    # properties with margins, not one CPU's trajectory: in the last two epochs at most one of the 16 val
+    # images is wrong, and after the lr decay the training loss has at least halved in some epoch (it
+    # stays noisy: a batch of 8 that is mostly one class normalises the class signal away in train mode)
+    assert min(e["val_acc"] for e in history.epochs[-2:]) >= 15 / 16, rows
+    assert min(e["train_loss"] for e in history.epochs[-4:]) < history.epochs[0]["train_loss"] / 2, rows
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     if mode == "feature_extractor":  # only the head moves; frozen BatchNorm statistics stay too
         assert changed == {"fc.weight", "fc.bias"}
@@ -105,6 +116,7 @@ def finetune(tmp_path, prepared, name, **train):
     )
 
 
+@pytest.mark.trajectory  # bit-identical reruns hold for every kernel set, each on its own
 def test_stage_outputs_and_cpu_determinism(tmp_path, prepared):
     runs = []
     for name in ("a", "b"):
@@ -129,6 +141,7 @@ def test_stage_outputs_and_cpu_determinism(tmp_path, prepared):
     assert lr == pytest.approx([0.05, 0.05, 0.005])  # StepLR(step_size=2, gamma=0.1)
 
 
+@pytest.mark.trajectory
 def test_cache_features_needs_frozen_unaugmented(tmp_path, prepared):
     proc = finetune(tmp_path, prepared, "c", cache_features=True)
     assert proc.returncode == 2 and "cache_features" in proc.stderr
@@ -136,7 +149,8 @@ def test_cache_features_needs_frozen_unaugmented(tmp_path, prepared):
         tmp_path, prepared, "d", cache_features=True, mode="feature_extractor", augment=False, lr=0.5
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "d" / "train.json").read_text())["best_val_acc"] == 1.0
+    # a linear head on frozen random features of dark vs bright images: at most one of 12 val images wrong
+    assert json.loads((tmp_path / "d" / "train.json").read_text())["best_val_acc"] >= 11 / 12
 
 
 def test_checkpoint_round_trip_and_clear_mismatch_errors(tmp_path):
