@@ -28,7 +28,7 @@ def predictions_table(paths, y_true, proba, classes) -> pd.DataFrame:
 
 def main(argv=None):
     args, p = stage_args(__doc__, ("--data", "--model", "--metrics", "--plots"), argv)
-    device = select_device(p.train.device)
+    device = select_device(p.evaluate.device)
     model, meta = load_checkpoint(args.model)
     classes = meta["classes"]
     val = load_split(args.data, "val")

@@ -35,7 +35,7 @@ TINY = {
     "model": {"weights": "none"},
     "prepare": {"resize": 40},
     "train": {"epochs": 3, "batch_size": 8, "crop": 32, "min_scale": 0.5, "device": "cpu", "threads": 1},
-    "evaluate": {"gallery_max": 4},
+    "evaluate": {"gallery_max": 4, "device": "cpu"},
     "saliency": {
         "num_images": 2,
         "quality_images": 4,
