@@ -125,6 +125,7 @@ class TrainParams:
 class EvaluateParams:
     ece_bins: int = _f(15, min=2, max=1000)
     gallery_max: int = _f(32, min=0, doc="most misclassified images shown in the gallery")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda", "mps"))
 
 
 @dataclass(frozen=True)

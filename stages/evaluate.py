@@ -42,7 +42,7 @@ def main(argv=None):
     args, p = stage_args(
         __doc__, ("--data", "--model", "--metrics", "--plots"), argv, outs=("--plots", "--metrics")
     )
-    device = select_device(p.train.device)
+    device = select_device(p.evaluate.device)
     model, meta = load_checkpoint(args.model)
     classes = meta["classes"]
     val = load_split(args.data, "val")

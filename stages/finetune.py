@@ -140,8 +140,9 @@ def summary(h: History, device) -> dict:
 
 
 def params_digest(p) -> str:
-    """SHA-256 of the params that shaped this model, to tell checkpoints apart."""
-    relevant = {k: to_dict(p)[k] for k in ("seed", "model", "prepare", "train")}
+    """SHA-256 of the params that shaped this model, to tell checkpoints apart: the keys this stage
+    declares in dvc.yaml (the data and the downloaded weights are deps, hashed by DVC)."""
+    relevant = {"seed": p.seed, "model.arch": p.model.arch, "train": to_dict(p.train)}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

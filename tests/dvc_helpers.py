@@ -35,7 +35,7 @@ TINY = {
     "model": {"weights": "none"},
     "prepare": {"resize": 40},
     "train": {"epochs": 3, "batch_size": 8, "crop": 32, "min_scale": 0.5, "device": "cpu", "threads": 1},
-    "evaluate": {"gallery_max": 4},
+    "evaluate": {"gallery_max": 4, "device": "cpu"},
     "saliency": {
         "num_images": 2,
         "quality_images": 4,
@@ -53,6 +53,7 @@ TINY = {
 _RAN = re.compile(r"^Running stage '([^']+)'", re.M)
 _SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping", re.M)
 _RESTORED = re.compile(r"^Stage '([^']+)' is cached - skipping run, checking out outputs", re.M)
+_PULLED = re.compile(r"^Pulling data for stage: '([^']+)'", re.M)  # `dvc repro --pull`, unchanged stage
 
 
 def dvc_yaml_stages(project: Path = ROOT) -> list[str]:
@@ -60,7 +61,7 @@ def dvc_yaml_stages(project: Path = ROOT) -> list[str]:
 
 
 def metrics_files(project: Path = ROOT) -> list[str]:
-    """The metrics files dvc.yaml declares (all `cache: false`, i.e. kept in git)."""
+    """The metrics files dvc.yaml declares (cached outputs like the rest: git-ignored, in the remote)."""
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     return [
         next(iter(m)) if isinstance(m, dict) else m for s in stages.values() for m in s.get("metrics", [])
@@ -146,6 +147,7 @@ def stage_report(output: str) -> dict[str, set[str]]:
         "ran": set(_RAN.findall(output)),
         "skipped": set(_SKIPPED.findall(output)),
         "restored": set(_RESTORED.findall(output)),
+        "pulled": set(_PULLED.findall(output)),
     }
 
 
@@ -198,7 +200,7 @@ def finished_project(tmp_path_factory) -> tuple[Path, str]:
     """(path, output of the full `dvc repro`) of the once-per-session finished tiny project.
 
     Git history of the copy: commit "tiny params" (code + params, no dvc.lock), then commit
-    "pipeline run" (dvc.lock, .gitignore files and the metrics files, which are `cache: false`).
+    "pipeline run" (dvc.lock and the .gitignore files; the metrics are cached outputs, not in git).
     """
     if "error" in _FINISHED:  # fail every later test fast instead of rebuilding
         raise AssertionError(f"building the finished project failed earlier:\n{_FINISHED['error']}")

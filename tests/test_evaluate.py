@@ -51,7 +51,7 @@ def test_stage_writes_metrics_plots_table_and_gallery(tmp_path):
     meta = {"arch": "resnet18", "classes": ["ants", "bees"], "input_size": 32, "loss": "cross_entropy"}
     model = build_model("resnet18", 2).eval()
     save_checkpoint(tmp_path / "models", model, meta)
-    params = write_params(tmp_path / "params.yaml", {"train": {"device": "cpu"}})
+    params = write_params(tmp_path / "params.yaml", {"evaluate": {"device": "cpu"}})
     proc = run_stage(
         "evaluate",
         "--data",

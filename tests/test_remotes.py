@@ -1,12 +1,14 @@
 """Team sharing through DVC remotes: clone A runs the pipeline and pushes data + run-cache, a fresh
 `git clone` B pulls and has nothing left to run. One scenario per remote kind (a local directory,
-S3 served by moto on 127.0.0.1, a real sshd on 127.0.0.1), plus what DVC 3.67 does with the
+S3 served by moto on 127.0.0.1, a real sshd on 127.0.0.1); a teammate reusing a run that A pushed
+but never committed (local directory and S3): B runs no stage; what DVC 3.67 does with the
 run-cache on a clone without dvc.lock and with a corrupted object in the remote.
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import shutil
@@ -25,11 +27,13 @@ from dvc_helpers import (
     git,
     md5_file,
     metrics_files,
+    set_params,
     stage_report,
     wait_for_port,
 )
 
 STAGES = dvc_yaml_stages()
+DOWNSTREAM_OF_MODEL = {"finetune", "evaluate", "saliency", "activations"}
 
 
 @pytest.fixture(scope="session")
@@ -55,15 +59,20 @@ def tracked_outputs(project: Path) -> dict[str, str]:
     return out
 
 
-def share(a: Path, b: Path, add_remote: list[list[str]], local_config: list[list[str]]) -> str:
-    """A: configure the remote (committed) and its credentials (--local), `dvc push --run-cache`.
-    B: `git clone` A, the same --local settings, `dvc pull --run-cache`, `dvc repro`. Returns B's repro output."""
-    for args in add_remote:
+def add_remote(a: Path, remote_args: list[list[str]], local_config: list[list[str]]) -> None:
+    """The remote in .dvc/config (committed), its credentials in .dvc/config.local."""
+    for args in remote_args:
         dvc(a, "remote", *args)
     for args in local_config:
         dvc(a, "remote", "modify", "--local", *args)
     git(a, "add", ".dvc/config")
     git(a, "commit", "-qm", "remote")
+
+
+def share(a: Path, b: Path, remote_args: list[list[str]], local_config: list[list[str]]) -> str:
+    """A: configure the remote (committed) and its credentials (--local), `dvc push --run-cache`.
+    B: `git clone` A, the same --local settings, `dvc pull --run-cache`, `dvc repro`. Returns B's repro output."""
+    add_remote(a, remote_args, local_config)
     pushed = dvc(a, "push", "--run-cache").stdout
     assert "pushed" in pushed, pushed
 
@@ -95,6 +104,66 @@ def test_share_through_a_local_directory_remote(clone_a, tmp_path):
     share(clone_a, tmp_path / "B", [["add", "-d", "shared", str(remote)]], [])
     objects, runs = remote_objects(remote)
     assert objects > 0 and runs == len(STAGES), (objects, runs)
+
+
+# --- a teammate reuses a run that was pushed but never committed -------------------------------------
+
+EDIT = {"train.loss": "bce_with_logits"}
+
+
+def reuse_uncommitted_run(a: Path, b: Path, local_config: list[list[str]], with_exp: bool) -> None:
+    """A (remote configured and committed, the committed run pushed) edits train.loss, runs it and
+    pushes with --run-cache, committing nothing. B clones the same commit and asks for the same
+    edit: every stage is restored or pulled, none runs, and B ends with A's outputs, metrics, plots
+    and dvc.lock byte for byte.
+    with_exp: A `dvc exp run -S`, B `dvc exp run -S ... --pull`; otherwise both edit params.yaml,
+    A runs `dvc repro`, B `dvc pull --run-cache` then `dvc repro --pull`."""
+    dvc(a, "push")  # the committed run, as its author pushed it (step 3)
+    committed = git(a, "rev-parse", "HEAD").stdout
+    override = ["-S", "=".join(*EDIT.items())]
+    if not with_exp:
+        set_params(a, **EDIT)
+    ran = stage_report(dvc(a, "exp", "run", *override).stdout if with_exp else dvc(a, "repro").stdout)
+    assert ran["ran"] == DOWNSTREAM_OF_MODEL, ran
+    dvc(a, "push", "--run-cache")
+    assert git(a, "rev-parse", "HEAD").stdout == committed
+    assert set(git(a, "status", "--porcelain").stdout.split()) == {"M", "params.yaml", "dvc.lock"}
+
+    git(b.parent, "clone", "-q", a, b)
+    for args in local_config:
+        dvc(b, "remote", "modify", "--local", *args)
+    if with_exp:
+        out = dvc(b, "exp", "run", *override, "--pull").stdout
+    else:
+        set_params(b, **EDIT)
+        dvc(b, "pull", "--run-cache")
+        assert any((b / ".dvc/cache/runs").rglob("*")), "the run-cache entries came down"
+        # DVC 3.67's `pull --run-cache` fetches the entries but not the objects of A's new
+        # outputs (only those of the committed dvc.lock); `repro --pull` fetches them per stage
+        lock = yaml.safe_load((a / "dvc.lock").read_text())["stages"]
+        model = next(o["md5"] for o in lock["finetune"]["outs"] if o["path"] == "models")
+        assert not (b / ".dvc/cache/files/md5" / model[:2] / model[2:]).exists()
+        out = dvc(b, "repro", "--pull").stdout
+    report = stage_report(out)
+    assert report["ran"] == set(), out
+    assert report["restored"] == DOWNSTREAM_OF_MODEL, out
+    assert report["pulled"] | report["skipped"] == set(STAGES) - DOWNSTREAM_OF_MODEL, out
+    assert dvc_json(b, "status") == {}
+    assert (b / "dvc.lock").read_bytes() == (a / "dvc.lock").read_bytes()
+    outputs = tracked_outputs(a)
+    assert tracked_outputs(b) == outputs
+    assert {"metrics/train.json", "metrics/eval.json", "plots/train/metrics.json"} <= set(outputs)
+    assert any(k.startswith("plots/train/plots/metrics/") for k in outputs), "DVCLive's plots"
+    assert json.loads((b / "models/model.json").read_text())["loss"] == EDIT["train.loss"]
+    # metrics diff against the commit: the committed run's metrics come from the cache or the remote
+    diff = dvc_json(b, "metrics", "diff")
+    assert diff == dvc_json(a, "metrics", "diff")
+    assert "last_epoch.train_loss" in diff["metrics/train.json"], diff
+
+
+def test_teammate_reuses_an_uncommitted_run_through_a_local_directory_remote(clone_a, tmp_path):
+    add_remote(clone_a, [["add", "-d", "shared", str(tmp_path / "remote")]], [])
+    reuse_uncommitted_run(clone_a, tmp_path / "B", [], with_exp=True)
 
 
 # --- S3 (moto) -------------------------------------------------------------------------------------
@@ -145,6 +214,17 @@ def test_share_through_an_s3_remote(clone_a, tmp_path, s3_server):
     assert url in committed and "testing-secret" not in committed
     assert "testing-secret" in (clone_a / ".dvc" / "config.local").read_text()
     assert git(clone_a, "check-ignore", "-q", ".dvc/config.local", check=False).returncode == 0
+
+
+def test_teammate_reuses_an_uncommitted_run_through_an_s3_remote(clone_a, tmp_path, s3_server):
+    url, _ = s3_server
+    local = [["s3", "access_key_id", "testing"], ["s3", "secret_access_key", "testing-secret"]]
+    add_remote(
+        clone_a,
+        [["add", "-d", "s3", "s3://team-bucket/hymenoptera"], ["modify", "s3", "endpointurl", url]],
+        local,
+    )
+    reuse_uncommitted_run(clone_a, tmp_path / "B", local, with_exp=False)
 
 
 # --- SSH (a real sshd) -----------------------------------------------------------------------------
@@ -216,11 +296,10 @@ def test_share_through_an_ssh_remote(clone_a, tmp_path, sshd):
 # --- run-cache on a clone without dvc.lock ---------------------------------------------------------
 
 
-def test_run_cache_on_a_clone_without_lock_restores_only_fully_cached_stages(clone_a, tmp_path):
+def test_run_cache_on_a_clone_without_lock_restores_every_stage(clone_a, tmp_path):
     """B checks out the commit before the run (no dvc.lock, no metrics). `dvc repro --pull` fetches the
-    run-cache and restores a stage instead of running it only when all its outputs are in the remote.
-    DVC does not push `cache: false` outputs (our metrics/*.json), not even with --run-cache, so the
-    stages that write metrics rerun (DVC documents it: cache: false disables the run-cache)."""
+    run-cache and restores a stage instead of running it when all its outputs are in the remote.
+    The metrics are cached outputs (not `cache: false`, which DVC never pushes), so that is every stage."""
     remote = tmp_path / "remote"
     dvc(clone_a, "remote", "add", "-d", "shared", str(remote))
     dvc(clone_a, "push", "--run-cache")
@@ -234,15 +313,12 @@ def test_run_cache_on_a_clone_without_lock_restores_only_fully_cached_stages(clo
         "nothing to check out without dvc.lock"
     )
 
-    out = dvc(b, "repro", "--pull", "download_weights", "prepare").stdout
+    out = dvc(b, "repro", "--pull").stdout
     report = stage_report(out)
-    assert report["restored"] == {"download_data", "download_weights"}, out
-    assert report["ran"] == {"prepare"}, out
-    assert "metrics/data.json" in out  # named in DVC's "Missing cache files" warning
-    for top in ("data/raw", "data/weights", "data/prepared"):
-        want = {k: v for k, v in tracked_outputs(clone_a).items() if k.startswith(top + "/")}
-        assert {k: v for k, v in tracked_outputs(b).items() if k.startswith(top + "/")} == want, top
-    assert (b / "metrics/data.json").read_bytes() == (clone_a / "metrics/data.json").read_bytes()
+    assert report["restored"] == set(STAGES), out
+    assert report["ran"] == set(), out
+    assert tracked_outputs(b) == tracked_outputs(clone_a)
+    assert dvc_json(b, "status") == {}
 
 
 # --- a corrupted object in the remote --------------------------------------------------------------
