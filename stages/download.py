@@ -384,7 +384,7 @@ def local_weights(path: Path, arch: str, tmp: Path) -> dict:
             f"model.weights = {str(path)!r} is not allowed: not IMAGENET1K_V1 or none, and no "
             f"such file (relative paths start at {Path.cwd()}); expected a state_dict .pth"
         )
-    from cnnlens.model import check_weights_file  # imports torch: only for a local file
+    from cnnlens.weights import check_weights_file  # imports torch: only for a local file
 
     tensors = check_weights_file(path, arch)
     shutil.copyfile(path, tmp / "weights.pth")
