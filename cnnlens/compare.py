@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     fig = saliency_by_loss_figure(
         denormalize(first["inputs"][:n]).permute(0, 2, 3, 1).numpy(),
         maps,
-        [p.split("/")[-1] for p in first["paths"][:n]],
+        ["/".join(p.split("/")[-2:]) for p in first["paths"][:n]],
         args.method,
         q,
     )

@@ -14,13 +14,16 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 from dvc_helpers import (
+    ROOT,
     copy_project,
     dvc,
     dvc_env,
@@ -457,3 +460,81 @@ def test_plots_page_renders_offline_in_headless_chromium(plots_page, tmp_path):
     with Image.open(shot) as im:
         lo, hi = im.convert("L").getextrema()
     assert hi - lo > 50, "the screenshot is blank"
+
+
+# --- the loss comparison (cnnlens/compare.py, `make compare`) ------------------------------------------
+
+
+def test_compare_reads_each_experiment_and_writes_one_comparison(loss_edited, page_template, tmp_path):
+    """`python -m cnnlens.compare` on two named experiments (ce, and bce restored from the
+    run-cache), as scripts/compare.sh runs it: the table holds each experiment's own numbers,
+    the figures exist, `dvc plots diff` of the experiments renders on the page template, and a
+    LOSS=EXPERIMENT pair that lies about the loss is refused in one line."""
+    project = copy_project(loss_edited["project"], tmp_path / "project")
+    git(project, "reset", "-q", "--hard", "HEAD")
+    dvc(project, "checkout", "-q")
+    for loss in ("bce_with_logits", "cross_entropy"):
+        dvc(project, "exp", "run", "-n", f"loss-{loss}", "-S", f"train.loss={loss}")
+    pairs = ["cross_entropy=loss-cross_entropy", "bce_with_logits=loss-bce_with_logits"]
+    run = subprocess.run(
+        [sys.executable, "-m", "cnnlens.compare", "--repo", project, "--out", tmp_path / "cmp", *pairs],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv").set_index("loss")
+    assert list(table.index) == ["cross_entropy", "bce_with_logits"]
+    rows = {
+        e["name"]: e["revs"][0]["data"]
+        for r in dvc_json(project, "exp", "show")
+        for e in r["experiments"] or []
+    }
+    for loss in table.index:
+        metrics = rows[f"loss-{loss}"]["metrics"]
+        ev, sal = metrics["metrics/eval.json"]["data"], metrics["metrics/saliency.json"]["data"]
+        for key in ("accuracy", "balanced_accuracy", "ece", "log_loss"):  # the evaluate stage's own numbers
+            assert table.loc[loss, key] == pytest.approx(ev[key], abs=1e-5), (loss, key)
+        assert table.loc[loss, "deletion_auc"] == pytest.approx(sal["gradient"]["deletion_auc"]["mean"])
+    for png in ("accuracy_vs_saliency.png", "saliency_by_loss.png"):
+        assert (tmp_path / "cmp" / png).read_bytes().startswith(b"\x89PNG")
+    assert "| cross_entropy |" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+    dvc(
+        project,
+        "plots",
+        "diff",
+        "-q",
+        "loss-cross_entropy",
+        "loss-bce_with_logits",
+        "--html-template",
+        page_template,
+        "-o",
+        tmp_path / "diff",
+    )
+    page = (tmp_path / "diff" / "index.html").read_text()
+    assert "window.vegaEmbed" in page and "loss-bce_with_logits" in page
+
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cnnlens.compare",
+            "--repo",
+            project,
+            "--out",
+            tmp_path / "bad",
+            "focal=loss-cross_entropy",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: experiment 'loss-cross_entropy' trained with train.loss=cross_entropy, not focal"
+    )
