@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LOCK ?= requirements-lock.txt
 CONSTRAINT := $(if $(LOCK),-c $(LOCK),)
 
-.PHONY: demo test test-isa lint run lock bench gpu-check clean
+.PHONY: demo report compare test test-isa lint run lock bench gpu-check clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,22 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt $(LOCK)
 	$(BIN)/python -m pip install -q -r requirements-dev.txt $(CONSTRAINT)
 	touch $@
 
-demo: $(BIN)/.installed
+demo: $(BIN)/.installed build/plots.html
 	bash scripts/demo.sh
+
+# The plots-page template: vega, vega-lite and vega-embed inlined (charts draw offline), plots in
+# reading order. Generated (0.9 MB), not committed. Use: dvc plots show|diff --html-template build/plots.html
+build/plots.html: cnnlens/report.py | $(BIN)/.installed
+	$(BIN)/python -m cnnlens.report template -o $@
+
+# Re-render demo/dvc_plots/index.html with the template (after `make demo`).
+report: build/plots.html
+	cd demo && PATH=$(CURDIR)/$(BIN):$$PATH dvc plots show -q --html-template $(CURDIR)/build/plots.html -o dvc_plots
+	cd demo && $(CURDIR)/$(BIN)/python -m cnnlens.report shrink dvc_plots
+
+# The four losses as DVC experiments on the demo settings, then one comparison in demo/compare/.
+compare: build/plots.html
+	bash scripts/compare.sh
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
@@ -49,4 +63,4 @@ lock: $(BIN)/.installed
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements-lock.txt
 
 clean:
-	rm -rf demo dvc_plots .pytest_cache
+	rm -rf demo dvc_plots build .pytest_cache

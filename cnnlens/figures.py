@@ -281,3 +281,87 @@ def randomization_figure(curves: dict[str, list[tuple[str, float]]], title: str 
         title or "Model-randomisation check: a map that explains the model should fall towards 0", fontsize=9
     )
     return fig
+
+
+def layer_summary_figure(
+    images: list[np.ndarray],
+    maps: list[np.ndarray],
+    row_labels: list[str],
+    map_labels: list[list[str]],
+    suptitle: str = "",
+    size: float = 1.1,
+):
+    """One layer at a glance: a row per image (the input, then its K top maps, K x h x w each
+    already scaled to [0,1]), small panels, one colour bar. The compact companion of
+    feature_maps_figure's full grid."""
+    cols = 1 + max((len(m) for m in maps), default=0)
+    fig, axes, bar_ax = _panels(
+        len(images), cols, size, title_h=0.32, top=0.2 + 0.15 * (suptitle.count("\n") + 1)
+    )
+    shown = None
+    for r, (image, row, label, labels) in enumerate(zip(images, maps, row_labels, map_labels)):
+        axes[r, 0].imshow(image)
+        axes[r, 0].set_title(label, fontsize=6.5, fontweight="bold")
+        for c in range(1, cols):
+            ax = axes[r, c]
+            if c > len(row):
+                ax.axis("off")
+                continue
+            shown = ax.imshow(row[c - 1], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(labels[c - 1], fontsize=6.5)
+    if shown is not None:
+        bar = fig.colorbar(shown, cax=bar_ax, ticks=[0, 1])
+        bar.ax.set_yticklabels(["lowest\nin map", "highest\nin map"], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=8.5, y=1 - 0.05 / fig.get_figheight(), va="top")
+    return fig
+
+
+# ---- comparing losses (cnnlens/compare.py)
+
+
+def tradeoff_figure(table, method: str, x: str = "accuracy", y: str = "pointing_game"):
+    """One point per row of `table` (a loss) at (x, y) with its 95% interval bars both ways;
+    falls back to insertion AUC when the data has no object masks (no pointing game)."""
+    y = y if y in table.columns else "insertion_auc"
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
+    for i, (_, r) in enumerate(table.iterrows()):
+        xerr = [[r[x] - r[f"{x}_low"]], [r[f"{x}_high"] - r[x]]]
+        yerr = [[r[y] - r[f"{y}_low"]], [r[f"{y}_high"] - r[y]]]
+        ax.errorbar(r[x], r[y], xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=f"C{i}", label=r["loss"])
+        ax.annotate(r["loss"], (r[x], r[y]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xlabel(f"val {x.replace('_', ' ')} (95% bootstrap interval)")
+    ax.set_ylabel(f"{method} {y.replace('_', ' ')} (95% bootstrap interval)")
+    ax.set_title("Classification vs. explanation quality, one point per loss", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def saliency_by_loss_figure(
+    images: np.ndarray, maps: dict, row_labels: list[str], method: str, scale: float, size: float = 1.6
+):
+    """Rows: the same val images (N x H x W x 3 in [0,1]); columns: the input, then its map under
+    each loss (dict loss -> N x H x W in [0,1], all divided by one value `scale`), so brightness
+    compares across losses."""
+    shown = images
+    cols = 1 + len(maps)
+    fig, axes, bar_ax = _panels(len(shown), cols, size, title_h=0.3, top=0.55)
+    heat = None
+    for r, image in enumerate(shown):
+        axes[r, 0].imshow(image)
+        axes[r, 0].set_title(row_labels[r][:24], fontsize=7)
+        for c, (loss, m) in enumerate(maps.items(), start=1):
+            heat = axes[r, c].imshow(m[r].numpy(), cmap=HEAT_CMAP, vmin=0, vmax=1)
+            axes[r, c].set_title(loss if r == 0 else "", fontsize=8, fontweight="bold")
+    bar = fig.colorbar(heat, cax=bar_ax, ticks=[0, 1])
+    bar.ax.set_yticklabels(["0", f"{scale:.2g}\nand above"], fontsize=7)
+    bar.set_label(f"|{method}|, max over R, G, B (one scale for all)", fontsize=7)
+    fig.suptitle(
+        f"The same val images, {method} saliency of the predicted class under each loss\n"
+        "one shared scale: 1 = the 99th percentile of every map in this figure",
+        fontsize=9,
+        y=1 - 0.05 / fig.get_figheight(),
+        va="top",
+    )
+    return fig

@@ -17,7 +17,11 @@ python -m cnnlens.config merge "$root/params.yaml" "$root/params-demo.yaml" -o p
 git init -q && git add -A && git -c user.name=demo -c user.email=demo@localhost commit -qm "demo" 
 start=$(date +%s)
 dvc repro
-dvc plots show -q -o dvc_plots >/dev/null
+# the offline page template (vega inlined, reading order): see cnnlens/report.py
+template="$root/build/plots.html"
+[ -f "$template" ] || python -m cnnlens.report template -o "$template"
+dvc plots show -q --html-template "$template" -o dvc_plots >/dev/null
+python -m cnnlens.report shrink dvc_plots  # 256-colour copies of the page's images: ~8 MB -> < 5 MB
 echo "demo: pipeline done in $(( $(date +%s) - start )) s. Results in demo/: metrics/*.json, plots/, models/;" \
      "open demo/dvc_plots/index.html for all plots." >&2
 python - <<'PY' >&2
@@ -39,4 +43,4 @@ for name in [m for m in sal if isinstance(sal[m], dict) and "deletion_auc" in sa
              for k in ("deletion_auc", "insertion_auc", "pointing_game") if k in m]
     print(f"  {name:>20}: " + ", ".join(cells))
 PY
-echo "more: (cd demo && dvc metrics show), (cd demo && dvc exp run -S train.loss=bce_with_logits)" >&2
+echo "more: (cd demo && dvc metrics show); make compare (the four losses as experiments, side by side)" >&2

@@ -4,7 +4,9 @@ python -m stages.activations --data data/prepared --model models --metrics metri
     --out plots/activations [--params params.yaml]
 
 Writes plots/activations/grids/<image-stem>/<layer>.png (the input, then the top activations.max_maps
-maps of that layer by mean activation), plots/activations/sparsity.csv and sparsity.png (fraction
+maps of that layer by mean activation), plots/activations/layers/<layer>.png (one compact figure per
+layer: a row per image, its top COMPACT_MAPS maps; the plots page shows these and links the grids),
+plots/activations/sparsity.csv and sparsity.png (fraction
 of exact zeros and mean activation per layer over the whole val split) and the same numbers, with
 std, channels, height, width and dead channels, to the metrics JSON.
 """
@@ -17,11 +19,21 @@ from tqdm import tqdm
 
 from cnnlens.cli import StageError, log, run_main, stage_args
 from cnnlens.config import select_device
-from cnnlens.figures import chw_to_hwc, feature_maps_figure, layer_stats_figure, save_figure
+from cnnlens.figures import (
+    chw_to_hwc,
+    feature_maps_figure,
+    layer_stats_figure,
+    layer_summary_figure,
+    save_figure,
+)
 from cnnlens.files import atomic_outputs, unique_stems, write_json
 from cnnlens.hooks import capture, layer_statistics, resolve_layers, top_maps
 from cnnlens.model import load_checkpoint, probabilities
 from cnnlens.tensors import denormalize, eval_inputs, load_split, normalize_maps, select_images
+
+COMPACT_MAPS = (
+    8  # maps per image in the per-layer figure: enough to see the kind of feature, small on the page
+)
 
 
 def grid_figure(act, max_maps: int, image, layer: str, title: str, image_label: str):
@@ -40,10 +52,35 @@ def grid_figure(act, max_maps: int, image, layer: str, title: str, image_label: 
     )
 
 
-def write_grids(out: Path, model, modules: dict, chosen, meta: dict, p, device) -> None:
-    """grids/<image>/<layer>.png for the chosen images, a batch at a time, every hook on."""
+def compact_row(act, image, label: str, rows: dict, layer: str) -> None:
+    """Keep one image's top COMPACT_MAPS maps of one layer for that layer's compact figure."""
+    idx, means = top_maps(act, COMPACT_MAPS)
+    labels = [f"ch {int(ch)}, mean {m:.2g}" for ch, m in zip(idx, means)]
+    rows.setdefault(layer, []).append((image, normalize_maps(act[idx]).numpy(), label, labels))
+
+
+def write_compact(out: Path, rows: dict, meta: dict) -> None:
+    """layers/<layer>.png: every chosen image's top maps of that layer in one small figure."""
+    (out / "layers").mkdir()
+    for layer, kept in rows.items():
+        images, maps, labels, map_labels = (list(col) for col in zip(*kept))
+        c, h, w = kept[0][1].shape[0], *kept[0][1].shape[1:]
+        title = (
+            f"{meta['arch']} {layer}: top {c} maps by mean activation per image ({h} x {w} pixels each, "
+            "own min-max scale)"
+        )
+        save_figure(
+            layer_summary_figure(images, maps, labels, map_labels, suptitle=title),
+            out / "layers" / f"{layer}.png",
+        )
+
+
+def write_grids(out: Path, model, modules: dict, chosen, meta: dict, p, device) -> dict:
+    """grids/<image>/<layer>.png for the chosen images, a batch at a time, every hook on. Returns
+    the rows of the compact per-layer figures."""
     classes, crop = meta["classes"], meta["input_size"]
     folders = unique_stems(chosen.paths)
+    compact = {}
     bar = tqdm(
         total=len(chosen) * len(modules), desc="activation grids", unit="grid", leave=False, disable=None
     )
@@ -66,8 +103,16 @@ def write_grids(out: Path, model, modules: dict, chosen, meta: dict, p, device) 
                     f"predicted {guess}, p={proba[j].max():.2f}",
                 )
                 save_figure(fig, out / "grids" / folders[i] / f"{layer}.png")
+                compact_row(
+                    act[j].cpu(),
+                    chw_to_hwc(shown[j]),
+                    f"{folders[i]}: {truth}, predicted {guess}",
+                    compact,
+                    layer,
+                )
                 bar.update()
     bar.close()
+    return compact
 
 
 def write_statistics(out: Path, model, modules: dict, val, meta: dict, p, device) -> dict:
@@ -118,7 +163,7 @@ def main(argv=None):
     chosen = select_images(val, list(dict.fromkeys(p.images)), p.num_images)
     with atomic_outputs(args.out, args.metrics) as (out, metrics):  # together, the metrics last
         out.mkdir()
-        write_grids(out, model, modules, chosen, meta, p, device)
+        write_compact(out, write_grids(out, model, modules, chosen, meta, p, device), meta)
         stats = write_statistics(out, model, modules, val, meta, p, device)
         write_json(metrics, stats)
     if not meta["arch"].startswith("resnet"):

@@ -278,7 +278,12 @@ def test_stage_writes_grids_metrics_and_plot_data(project, tmp_path):
         for layer in LAYERS:
             with Image.open(out / "grids" / stem / f"{layer}.png") as im:
                 assert im.format == "PNG" and im.width > 300
-    assert sorted(p.name for p in out.iterdir()) == ["grids", "sparsity.csv", "sparsity.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["grids", "layers", "sparsity.csv", "sparsity.png"]
+    # one compact figure per layer, a row per image (the plots page shows these, not the grids)
+    assert sorted(p.name for p in (out / "layers").iterdir()) == sorted(f"{layer}.png" for layer in LAYERS)
+    for layer in LAYERS:
+        with Image.open(out / "layers" / f"{layer}.png") as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 200
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["a0", "b2"]
     assert not [p for p in tmp_path.rglob(".*.tmp")]  # atomic writes left no temporaries
 

@@ -14,14 +14,16 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
-import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 from dvc_helpers import (
+    ROOT,
     copy_project,
     dvc,
     dvc_env,
@@ -292,12 +294,23 @@ def _specs(page: str) -> dict[str, dict]:
     return specs
 
 
+@pytest.fixture(scope="session")
+def page_template(tmp_path_factory):
+    """The offline page template (`make build/plots.html` writes the same file)."""
+    from cnnlens.report import page_template, vega_bundle
+
+    path = tmp_path_factory.mktemp("template") / "plots.html"
+    path.write_text(page_template(*vega_bundle()), encoding="utf8")
+    return path
+
+
 @pytest.fixture(scope="module")
-def plots_page(finished, tmp_path_factory):
-    """`dvc plots show -o DIR` in a copy of the finished project: (project, DIR, declared plots)."""
+def plots_page(finished, page_template, tmp_path_factory):
+    """`dvc plots show --html-template ... -o DIR` in a copy of the finished project:
+    (project, DIR, declared plots)."""
     project = copy_project(finished[0], tmp_path_factory.mktemp("plots") / "project")
     out = project.parent / "dvc_plots"
-    dvc(project, "plots", "show", "-q", "-o", out)
+    dvc(project, "plots", "show", "-q", "--html-template", page_template, "-o", out)
     declared = yaml.safe_load((project / "dvc.yaml").read_text())["plots"]
     return project, out, declared
 
@@ -309,6 +322,8 @@ def test_plots_show_writes_one_page_with_every_declared_plot(plots_page):
     parsed = _Page()
     parsed.feed(page)
     specs = _specs(page)
+    assert not re.search(r"<script[^>]*\bsrc=", page), "every script is inlined: the page works offline"
+    assert "window.vegaEmbed" in page
 
     charts = {next(iter(p)): next(iter(p.values())) for p in declared if isinstance(p, dict)}
     images = [p for p in declared if isinstance(p, str)]
@@ -331,7 +346,7 @@ def test_plots_show_writes_one_page_with_every_declared_plot(plots_page):
         for i in images
         for f in (sorted((project / i).rglob("*.png")) if (project / i).is_dir() else [project / i])
     ]
-    assert len(images) > 10  # the gallery, saliency figures and activation grids
+    assert len(images) > 10  # the gallery, saliency figures and the per-layer activation figures
     assert len(parsed.img_srcs) == len(images)
     for image in images:
         want = (project / image).read_bytes()
@@ -340,30 +355,43 @@ def test_plots_show_writes_one_page_with_every_declared_plot(plots_page):
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# After load: per chart div, whether vega drew marks (a canvas with a painted pixel, or an SVG with a
+# non-empty box); per image, whether it decoded; and the section each plot ended up in.
 PROBE = """<script>
 window.addEventListener('load', function () { setTimeout(function () {
+  function drawn(div) {
+    var c = div.querySelector('canvas.marks'), s = div.querySelector('svg.marks');
+    if (c && c.width > 0 && c.height > 0) {
+      var px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      for (var i = 3; i < px.length; i += 4) { if (px[i] > 0) return true; }
+    }
+    if (s) { var b = s.getBBox(); return b.width > 0 && b.height > 0 && s.querySelectorAll('path,text').length > 0; }
+    return false;
+  }
+  var charts = {};
+  // a chart div: any plot div without an <img> (vega-embed replaces its <script> with the chart)
+  document.querySelectorAll('div[id]').forEach(function (d) {
+    if (/^(dvc-plots)$/.test(d.id) || d.querySelector('img') || d.querySelector('div[id]')) return;
+    charts[d.id] = drawn(d); });
   var imgs = Array.from(document.images);
+  var order = Array.from(document.querySelectorAll('section')).map(function (sec) {
+    return Array.from(sec.children).filter(function (d) { return d.tagName === 'DIV'; })
+      .map(function (d) { return d.id; }); });
   var p = document.createElement('pre'); p.id = 'probe';
   p.textContent = JSON.stringify({
     images: imgs.length,
-    images_loaded: imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
-    charts: document.querySelectorAll('div[id] canvas, div[id] svg').length,
-    vega: typeof vegaEmbed !== 'undefined'});
+    not_loaded: imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+      .map(function (i) { return i.src; }),
+    charts: charts, sections: order, vega: typeof vegaEmbed !== 'undefined'});
   document.body.appendChild(p);
 }, 1000); });
 </script>"""
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)"
-)
-def test_plots_page_renders_in_headless_chromium(plots_page, tmp_path):
-    """Loads the page in a real browser: every image must decode. The charts need Vega from
-    cdn.jsdelivr.net (DVC's page template links it); they are checked only when that loads."""
-    project, out, declared = plots_page
-    probe = out / "probe.html"
-    probe.write_text((out / "index.html").read_text().replace("</body>", PROBE + "</body>"))
-    flags = [
+def _chromium(tmp_path: Path) -> list[str]:
+    """Headless chromium with the network unreachable: every host name fails to resolve and every
+    request goes to a proxy on a closed port, so only file:// works."""
+    return [
         CHROMIUM,
         "--headless",
         "--no-sandbox",
@@ -373,35 +401,141 @@ def test_plots_page_renders_in_headless_chromium(plots_page, tmp_path):
         "--no-first-run",
         "--disable-sync",
         "--disable-dev-shm-usage",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--proxy-server=http://127.0.0.1:9",
         f"--user-data-dir={tmp_path / 'profile'}",
         "--virtual-time-budget=15000",
     ]
-    dom = subprocess.run(flags + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+
+
+def _probe(out: Path, tmp_path: Path) -> dict:
+    probe = out / "probe.html"
+    head, end, tail = (out / "index.html").read_text().rpartition("</body>")  # the bundle has one too
+    probe.write_text(head + PROBE + end + tail)
+    dom = subprocess.run(
+        _chromium(tmp_path) + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180
+    )
     found = re.search(r'<pre id="probe">([^<]*)</pre>', dom.stdout)
     assert found, f"the page did not finish loading in chromium:\n{dom.stderr[-2000:]}"
-    result = json.loads(found.group(1).replace("&quot;", '"'))
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)"
+)
+def test_plots_page_renders_offline_in_headless_chromium(plots_page, tmp_path):
+    """Loads the page in a real browser with no network: every declared chart must draw (vega is
+    inlined by the template), every image must decode, and the plots must sit in the template's
+    sections in reading order."""
+    from cnnlens.report import SECTIONS, html_id
+
+    project, out, declared = plots_page
+    result = _probe(out, tmp_path)
     n_images = sum(
         len(list((project / p).rglob("*.png"))) if (project / p).is_dir() else 1
         for p in declared
         if isinstance(p, str)
     )
-    assert result["images"] == result["images_loaded"] == n_images, result
-    if result["vega"]:
-        assert result["charts"] >= sum(isinstance(p, dict) for p in declared), result
-    else:
-        warnings.warn(
-            "Vega did not load from cdn.jsdelivr.net (offline?): charts were not checked in chromium",
-            stacklevel=2,
-        )
+    assert result["images"] == n_images and result["not_loaded"] == [], result
+    assert result["vega"], "vegaEmbed is not defined: the inlined bundle did not load"
+    want = {html_id(next(iter(p))) for p in declared if isinstance(p, dict)}
+    assert set(result["charts"]) == want, result["charts"]
+    assert all(result["charts"].values()), f"charts that drew nothing: {result['charts']}"
+
+    *sections, other = result["sections"]
+    assert len(sections) == len(SECTIONS) and other == [], result["sections"]
+    assert all(sections), f"an empty section: {result['sections']}"
+    assert sections[0][0] == html_id("Loss per epoch"), "the page starts with the training curves"
+    assert html_id("plots/eval/misclassified.png") in sections[1]
+    assert all(d.startswith("plots_activations_layers_") or "sparsity" in d for d in sections[-1])
 
     shot = tmp_path / "page.png"
     subprocess.run(
-        flags + ["--window-size=1280,4000", f"--screenshot={shot}", (out / "index.html").as_uri()],
+        _chromium(tmp_path)
+        + ["--window-size=1280,4000", f"--screenshot={shot}", (out / "index.html").as_uri()],
         capture_output=True,
-        timeout=120,
+        timeout=180,
     )
     from PIL import Image
 
     with Image.open(shot) as im:
         lo, hi = im.convert("L").getextrema()
     assert hi - lo > 50, "the screenshot is blank"
+
+
+# --- the loss comparison (cnnlens/compare.py, `make compare`) ------------------------------------------
+
+
+def test_compare_reads_each_experiment_and_writes_one_comparison(loss_edited, page_template, tmp_path):
+    """`python -m cnnlens.compare` on two named experiments (ce, and bce restored from the
+    run-cache), as scripts/compare.sh runs it: the table holds each experiment's own numbers,
+    the figures exist, `dvc plots diff` of the experiments renders on the page template, and a
+    LOSS=EXPERIMENT pair that lies about the loss is refused in one line."""
+    project = copy_project(loss_edited["project"], tmp_path / "project")
+    git(project, "reset", "-q", "--hard", "HEAD")
+    dvc(project, "checkout", "-q")
+    for loss in ("bce_with_logits", "cross_entropy"):
+        dvc(project, "exp", "run", "-n", f"loss-{loss}", "-S", f"train.loss={loss}")
+    pairs = ["cross_entropy=loss-cross_entropy", "bce_with_logits=loss-bce_with_logits"]
+    run = subprocess.run(
+        [sys.executable, "-m", "cnnlens.compare", "--repo", project, "--out", tmp_path / "cmp", *pairs],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv").set_index("loss")
+    assert list(table.index) == ["cross_entropy", "bce_with_logits"]
+    rows = {
+        e["name"]: e["revs"][0]["data"]
+        for r in dvc_json(project, "exp", "show")
+        for e in r["experiments"] or []
+    }
+    for loss in table.index:
+        metrics = rows[f"loss-{loss}"]["metrics"]
+        ev, sal = metrics["metrics/eval.json"]["data"], metrics["metrics/saliency.json"]["data"]
+        for key in ("accuracy", "balanced_accuracy", "ece", "log_loss"):  # the evaluate stage's own numbers
+            assert table.loc[loss, key] == pytest.approx(ev[key], abs=1e-5), (loss, key)
+        assert table.loc[loss, "deletion_auc"] == pytest.approx(sal["gradient"]["deletion_auc"]["mean"])
+    for png in ("accuracy_vs_saliency.png", "saliency_by_loss.png"):
+        assert (tmp_path / "cmp" / png).read_bytes().startswith(b"\x89PNG")
+    assert "| cross_entropy |" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+    dvc(
+        project,
+        "plots",
+        "diff",
+        "-q",
+        "loss-cross_entropy",
+        "loss-bce_with_logits",
+        "--html-template",
+        page_template,
+        "-o",
+        tmp_path / "diff",
+    )
+    page = (tmp_path / "diff" / "index.html").read_text()
+    assert "window.vegaEmbed" in page and "loss-bce_with_logits" in page
+
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cnnlens.compare",
+            "--repo",
+            project,
+            "--out",
+            tmp_path / "bad",
+            "focal=loss-cross_entropy",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: experiment 'loss-cross_entropy' trained with train.loss=cross_entropy, not focal"
+    )
