@@ -1,5 +1,5 @@
-"""Pipeline stages (download, prepare, finetune, evaluate, saliency, activations)
-and the few shared modules they import (params, fileio, data, model, ...).
+"""The six pipeline stages (download, prepare, finetune, evaluate, saliency, activations): entry points
+that `dvc.yaml` runs as `python -m stages.X`. The library they call is the package `cnnlens`.
 
-A stage module never imports another stage module; `dvc.yaml` is the map of the data flow.
+A stage never imports another stage, and `cnnlens` never imports a stage (tests/test_layout.py).
 """
