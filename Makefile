@@ -31,13 +31,17 @@ report: build/plots.html
 compare: build/plots.html
 	bash scripts/compare.sh
 
+# Two workers, a test file each at a time (a file's session fixtures are built once): most tests wait on
+# DVC and stage subprocesses (each imports torch), so two of them share 2 cores well.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 # The tests that train (marked `trajectory`) again on the oldest vector kernels, SSE4.1 with no AVX: a
 # training test must assert what holds on any CPU, not the trajectory one instruction set happens to give.
 test-isa: $(BIN)/.installed
-	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 $(BIN)/python -m pytest -q -m trajectory tests
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 $(PYTEST) -m trajectory tests
 
 # House style (pyproject.toml): formatting and lint; CI runs it after the tests.
 lint: $(BIN)/.installed
