@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from cnnlens.cli import StageError
@@ -42,6 +41,8 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     """The ImageNet architecture with its 1000-way head replaced by `num_classes` outputs."""
     if arch not in ARCHS:
         raise StageError(f"unknown model.arch {arch!r}; allowed: {', '.join(ARCHS)}")
+    import torchvision  # here, not at the top: it takes ~3 s to import, and the data stages never need it
+
     model = torchvision.models.get_model(arch, weights=None)
     name = head_name(model)
     old = get_module(model, name)

@@ -14,6 +14,7 @@ when the counts of other splits or classes change.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -64,6 +65,19 @@ def generate(counts: dict[str, dict[str, int]], size: int, seed: int) -> Iterato
                 rng = sample_rng(seed, split, class_name, index)
                 image, mask, box = render(rng, class_name, size)
                 yield Sample(split, class_name, index, image, mask, box)
+
+
+def render_png(job: tuple[str, str, int, int, int]) -> tuple[bytes, bytes, tuple[int, int, int, int]]:
+    """(split, class, index, size, seed) -> the sample's image and mask as PNG bytes, and its box:
+    what a worker process sends back (PNG at compress_level 1: a third of the default's time)."""
+    split, class_name, index, size, seed = job
+    image, mask, box = render(sample_rng(seed, split, class_name, index), class_name, size)
+    files = []
+    for picture in (image, Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)):
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG", compress_level=1)
+        files.append(buf.getvalue())
+    return files[0], files[1], tuple(int(v) for v in box)
 
 
 def sample_rng(seed: int, split: str, class_name: str, index: int) -> np.random.Generator:

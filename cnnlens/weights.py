@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from cnnlens.cli import StageError
@@ -62,6 +61,8 @@ def check_weights_file(path: str | Path, arch: str, key: str = "model.weights") 
             f"{key} = {str(path)!r} holds a {type(state).__name__}, not a state_dict (a dict of tensors); "
             f"save one with torch.save(model.state_dict(), path) for {arch}"
         )
+    import torchvision  # here, not at the top: it takes ~3 s to import, and the data stages never need it
+
     model = torchvision.models.get_model(arch, weights=None)  # its head is left out of the comparison
     head = head_name(model) + "."
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cnnlens.cli import ParamsError, StageError, lock_outputs, log, run_main
+from cnnlens.cli import ParamsError, StageError, die_with_parent, lock_outputs, log, run_main
 from cnnlens.config import load_params
 from cnnlens.fetch import download, find_imagefolder_root, safe_extract_zip
 from cnnlens.files import atomic_path, sha256_file, write_json
@@ -262,27 +262,36 @@ def check_link(root: Path, rel: str, link: Path, mode: str) -> None:
 
 
 def write_synthetic(p, tmp: Path) -> dict:
-    import numpy as np  # imported only here: the other sources need neither numpy nor the generator
-    from PIL import Image
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from cnnlens import synthetic
 
     s = p.data.synthetic
     counts = synthetic.counts_from_params(s)
-    total = sum(n for per_class in counts.values() for n in per_class.values())
+    jobs = [
+        (split, class_name, index, s.image_size, p.seed)
+        for split, per_class in counts.items()
+        for class_name in synthetic.CLASSES
+        for index in range(per_class.get(class_name, 0))
+    ]
     rows = []
-    samples = synthetic.generate(counts, s.image_size, p.seed)
-    for sample in tqdm(
-        samples, total=total, desc="synthetic", unit="img", file=sys.stderr, leave=False, disable=None
-    ):
-        rel = f"{sample.split}/{sample.class_name}/{sample.index:04d}.png"
-        mask_rel = f"masks/{rel}"
-        for name in (rel, mask_rel):
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        sample.image.save(tmp / rel)
-        Image.fromarray(np.asarray(sample.mask, dtype=bool).astype(np.uint8) * 255).save(tmp / mask_rel)
-        x0, y0, x1, y1 = (int(v) for v in sample.box)
-        rows.append((rel, mask_rel, x0, y0, x1, y1))
+    # rendering is pure Python drawing (GIL-bound): one process per core; spawn, as the parent may hold torch
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        min(os.cpu_count() or 1, 8), mp_context=ctx, initializer=die_with_parent
+    ) as pool:
+        work = pool.map(synthetic.render_png, jobs, chunksize=16)
+        bar = tqdm(
+            work, total=len(jobs), desc="synthetic", unit="img", file=sys.stderr, leave=False, disable=None
+        )
+        for (split, class_name, index, *_), (image, mask, box) in zip(jobs, bar):
+            rel = f"{split}/{class_name}/{index:04d}.png"
+            mask_rel = f"masks/{rel}"
+            for name, data in ((rel, image), (mask_rel, mask)):
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(data)
+            rows.append((rel, mask_rel, *box))
     with open(tmp / "annotations.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(("path", "mask", "x0", "y0", "x1", "y1"))
