@@ -109,7 +109,7 @@ def run(args, p, device, outs, world=None) -> None:
             f"finetune: {p.model.arch} ({weights_info.get('source')} weights), {tp.mode}, loss={tp.loss}, "
             f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}"
         )
-    devices = [device_name(device)] if world is None else world.gather_objects(device_name(device))
+    devices = [device_name(device)] if world is None else same_params(world, p, device)
     if not writes:
         train(model, train_split, val_split, tp, device, p.seed, None, world)
         return
@@ -206,6 +206,20 @@ def summary(h: History, device, devices: list[str] | None = None) -> dict:
         **cuda,
         **({"world_size": len(devices), "devices": devices} if devices else {}),
     }
+
+
+def same_params(world, p, device) -> list[str]:
+    """Every rank's device name; a ParamsError if the nodes were given different params (only
+    train.node_rank may differ): ranks on different params would train different things."""
+    train = {k: v for k, v in to_dict(p.train).items() if k != "node_rank"}
+    digest = hashlib.sha256(json.dumps([p.seed, p.model.arch, train], sort_keys=True).encode()).hexdigest()
+    seen = world.gather_objects((device_name(device), digest))
+    if len({d for _, d in seen}) > 1:
+        raise ParamsError(
+            "the nodes were started with different params (seed, model.arch or train); "
+            "give every node the same params.yaml, with only train.node_rank changed"
+        )
+    return [name for name, _ in seen]
 
 
 def params_digest(p) -> str:
