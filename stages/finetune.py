@@ -128,7 +128,8 @@ def run(args, p, device, outs, world=None) -> None:
     write_json(metrics, summary(history, device, devices if world is not None else None))
     log(
         f"finetune: best val_acc {history.best_val_acc:.4f} at epoch {history.best_epoch}, "
-        f"{history.train_seconds:.1f} s, {history.images_seen / history.train_seconds:.0f} img/s -> {args.model}"
+        f"{history.train_seconds:.1f} s, {history.images_seen / history.train_seconds:.0f} img/s"
+        + (f" -> {args.model}" if world is None else "")  # a worker's args.model is a temporary
     )
 
 

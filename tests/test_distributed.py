@@ -169,6 +169,29 @@ def test_world_size_is_checked_before_anything_starts(tmp_path):
         parse_params({"train": {"nproc_per_node": "two"}})
 
 
+def test_each_rank_takes_its_slice_and_its_share_of_the_loss():
+    from types import SimpleNamespace
+
+    from cnnlens.distributed import World
+    from cnnlens.training import Loop
+
+    x, y = torch.arange(10.0).view(5, 2), torch.arange(5)
+    rows, scales = [], []
+    for rank in range(2):
+        loop = SimpleNamespace(world=SimpleNamespace(rank=rank, size=2, bounds=None), train_y=torch.zeros(21))
+        loop.world.bounds = World.bounds.__get__(loop.world)
+        xs, ys = Loop.rank_rows(loop, x, y)
+        assert torch.equal(xs, x[ys])
+        rows.append(ys.tolist())
+        scales.append(loop.loss_scale)
+    assert rows == [[0, 1], [2, 3, 4]]  # contiguous, disjoint, covering the global batch
+    assert scales == [2 * 2 / 5, 3 * 2 / 5]  # DDP's mean of (scale x rank mean) = the global mean
+    loop = SimpleNamespace(world=SimpleNamespace(rank=0, size=4), train_y=torch.zeros(21))
+    loop.world.bounds = World.bounds.__get__(loop.world)
+    with pytest.raises(ParamsError, match="fewer than the 4 processes"):
+        Loop.rank_rows(loop, x[:3], y[:3])
+
+
 def stage_cmd(data, weights, out: Path, params: Path) -> list[str]:
     return [
         sys.executable,
