@@ -8,7 +8,8 @@ augmentation boxes from the one seeded generator and keeps its contiguous slice 
 (`bounds`), DDP averages the gradients, and with train.sync_batchnorm BatchNorm normalises with the
 statistics of the whole global batch.
 
-torch.distributed is imported inside the functions: one process (the default) never imports it.
+The launcher and DDP are imported inside the functions: one process (the default) never loads them,
+nor creates a process group.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from cnnlens.cli import ParamsError, StageError
+from cnnlens.cli import ParamsError, StageError, disk_error_line
 
 
 class WorkerFailed(StageError):
@@ -88,6 +89,7 @@ def is_worker() -> bool:
 def launch(tp, world: Plan, args: list[str]) -> None:
     """Run `python args...` as nproc_per_node workers here (and join the other nodes) with torchrun's
     elastic launcher; a failed rank becomes WorkerFailed with its message and exit code."""
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -118,7 +120,7 @@ def launch(tp, world: Plan, args: list[str]) -> None:
         raise WorkerFailed(f"rank {rank} of {world.size} failed: {failure.message}", code) from None
     except SignalException:
         raise KeyboardInterrupt from None  # the launcher stopped its workers; run_main says "interrupted"
-    except RendezvousError as exc:
+    except (RendezvousError, DistError) as exc:  # e.g. node 0 unreachable, or not started in time
         raise StageError(
             f"the ranks could not meet at {endpoint} ({type(exc).__name__}: {exc}); check that "
             "train.rdzv_endpoint is node 0's address, reachable from every node, and that all train.nnodes started"
@@ -150,7 +152,9 @@ def record_error(exc: BaseException) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    message = str(exc) if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
+    message = (
+        str(exc) if isinstance(exc, StageError) else disk_error_line(exc) or f"{type(exc).__name__}: {exc}"
+    )
     line = message.splitlines()[0] if message else type(exc).__name__
     with open(path, "w") as fh:
         json.dump({"message": line, "timestamp": int(time.time()), "consequence": int(lost_contact(exc))}, fh)
