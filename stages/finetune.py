@@ -109,7 +109,7 @@ def run(args, p, device, outs, world=None) -> None:
             f"finetune: {p.model.arch} ({weights_info.get('source')} weights), {tp.mode}, loss={tp.loss}, "
             f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}"
         )
-    devices = [device_name(device)] if world is None else same_params(world, p, device)
+    devices = None if world is None else same_params(world, p, device)
     if not writes:
         train(model, train_split, val_split, tp, device, p.seed, None, world)
         return
@@ -125,7 +125,7 @@ def run(args, p, device, outs, world=None) -> None:
         history = train(model, train_split, val_split, tp, device, p.seed, on_epoch, world)
     model.load_state_dict(history.best_state)
     save_checkpoint(model_dir, model, checkpoint_meta(p, classes, train_split, weights_info, history))
-    write_json(metrics, summary(history, device, devices if world is not None else None))
+    write_json(metrics, summary(history, device, devices))
     log(
         f"finetune: best val_acc {history.best_val_acc:.4f} at epoch {history.best_epoch}, "
         f"{history.train_seconds:.1f} s, {history.images_seen / history.train_seconds:.0f} img/s"
