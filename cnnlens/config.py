@@ -34,9 +34,10 @@ def registry_choices(name: str) -> tuple[str, ...]:
     return tuple(getattr(importlib.import_module(module), attr))
 
 
-def _f(default, *, choices=None, min=None, max=None, doc=""):
-    """A field with validation metadata. Lists/dicts get a default_factory."""
-    meta = {"choices": choices, "min": min, "max": max, "doc": doc}
+def _f(default, *, choices=None, min=None, max=None, doc="", words=()):
+    """A field with validation metadata. Lists/dicts get a default_factory. `words`: strings allowed
+    besides the field's type (e.g. `auto` for a number)."""
+    meta = {"choices": choices, "min": min, "max": max, "doc": doc, "words": words}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -118,7 +119,20 @@ class TrainParams:
         "cache_features); auto: on, falling back to eager if capture fails; on: a failed capture is an error. "
         "Off by default until graphed training is shown equal to eager on a GPU (BENCHMARKS.md, GPU)",
     )
-    threads: int = _f(0, min=0, doc="CPU threads; 0: torch's default")
+    threads: int = _f(0, min=0, doc="CPU threads; 0: torch's default (per process: cores / processes)")
+    # distributed data parallel (torch.distributed, launched by torchrun's elastic launcher)
+    nproc_per_node: int | str = _f(
+        1, min=1, max=1024, words=("auto",), doc="processes on this machine; auto: one per visible GPU"
+    )
+    nnodes: int = _f(1, min=1, max=1024, doc="machines taking part")
+    node_rank: int = _f(
+        0, min=0, max=1023, doc="this machine's index, 0 .. nnodes - 1 (0 writes the outputs)"
+    )
+    rdzv_endpoint: str = _f(
+        "", doc="host:port of node 0's rendezvous (several nodes); empty: a free port here (one node)"
+    )
+    backend: str = _f("auto", choices=("auto", "nccl", "gloo"), doc="auto: NCCL on CUDA, gloo on CPU")
+    sync_batchnorm: bool = _f(False, doc="several processes: BatchNorm statistics over the global batch")
 
 
 @dataclass(frozen=True)
@@ -216,12 +230,16 @@ def _check(key, value, hint, meta, source):
         raise ParamsError(f"{source}: {key} = {value!r} is not allowed; expected {expected}")
 
     optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    union = isinstance(hint, types.UnionType)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if union else hint
+    if isinstance(value, str) and value in meta.get("words", ()):
+        return value
     if value is None:
         if optional:
             return None
         fail(f"a value of type {base.__name__}")
     choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
+    words = "".join(f"{w} or " for w in meta.get("words", ()))
     if isinstance(choices, str):
         choices = registry_choices(choices)
     if base is bool:
@@ -229,7 +247,7 @@ def _check(key, value, hint, meta, source):
             fail("true or false")
     elif base is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            fail("an integer" + _range(lo, hi))
+            fail(words + "an integer" + _range(lo, hi))
     elif base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number" + _range(lo, hi))
@@ -254,7 +272,7 @@ def _check(key, value, hint, meta, source):
     if choices and base is not list and value not in choices:
         fail(f"one of: {', '.join(choices)}")
     if lo is not None and value < lo or hi is not None and value > hi:
-        fail(_range(lo, hi).lstrip(", ") or "a value in range")
+        fail(words + (_range(lo, hi).lstrip(", ") or "a value in range"))
     return value
 
 

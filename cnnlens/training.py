@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cnnlens.cli import log
+from cnnlens.cli import ParamsError, log
 from cnnlens.config import TrainParams
 from cnnlens.losses import LOSSES
 from cnnlens.model import autocast, get_module, head_name, predict_logits, set_module
@@ -148,10 +148,19 @@ class GraphedStep:
 
 class Loop:
     """What one run needs on the device: the model (compiled or not), the optimiser, the data and the
-    one seeded generator that draws the permutation and the augmentation boxes."""
+    one seeded generator that draws the permutation and the augmentation boxes. With a `world`
+    (cnnlens.distributed.World, several processes) the trained module is wrapped in DDP and each
+    rank keeps its slice of every global batch (train_epoch)."""
 
-    def __init__(self, model, train_split: Split, val_split: Split, tp: TrainParams, device, seed: int):
-        self.model, self.tp, self.device = model, tp, device
+    def __init__(
+        self, model, train_split: Split, val_split: Split, tp: TrainParams, device, seed: int, world=None
+    ):
+        self.model, self.tp, self.device, self.world = model, tp, device, world
+        self.loss_scale = 1.0  # a rank's share of a global batch that does not split evenly (train_epoch)
+        if world is not None and tp.sync_batchnorm:
+            from cnnlens.distributed import sync_batchnorm
+
+            sync_batchnorm(model, device)
         self.use_amp = tp.amp and device.type == "cuda"
         model.to(device)
         if self.use_amp:
@@ -175,7 +184,12 @@ class Loop:
         self.train_y, self.val_y = train_split.labels.to(device), val_split.labels
         self.graphed = None
         if device.type == "cuda" and tp.cuda_graphs != "off" and not tp.compile and not self.cached:
-            self.graphed = GraphedStep(self)
+            self.graphed = GraphedStep(self) if world is None else None  # graphs: one process only
+        self.bare = self.net  # validation runs the unwrapped module on every rank's shard
+        if world is not None:
+            from cnnlens.distributed import wrap
+
+            self.net = wrap(self.net, world)
 
     def inputs(self, idx: torch.Tensor) -> torch.Tensor:
         """The network's input for these training images: cached features, an augmented or a centre crop."""
@@ -196,7 +210,7 @@ class Loop:
             logits = self.net(x)
             loss = LOSSES[self.tp.loss].fn(logits.float(), y, self.tp)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         self.optimizer.step()
         # detached: a loss or logits kept alive would keep this step's autograd graph, and with it the
         # parameters' AccumulateGrad nodes, alive into a CUDA-graph capture on another stream
@@ -232,21 +246,56 @@ class Loop:
         total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for i in range(0, len(order), tp.batch_size):
             idx = order[i : i + tp.batch_size]
-            y = self.train_y[idx]
-            loss, logits = self.step(self.inputs(idx), y)
-            total_loss += loss.detach() * len(idx)
+            x, y = self.inputs(idx), self.train_y[idx]
+            if self.world is not None:  # the whole global batch was augmented: same boxes as one process
+                x, y = self.rank_rows(x, y)
+            loss, logits = self.step(x, y)
+            total_loss += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
+        if self.world is not None:
+            total_loss, correct = self.world.all_sum(total_loss, correct)
         n = len(self.train_y)
         return float(total_loss) / n, float(correct) / n
 
+    def rank_rows(self, x, y):
+        """This rank's slice of a global batch. DDP averages the ranks' mean losses, so a rank whose
+        slice is not len/world rows scales its loss by its share: the gradient stays the global mean."""
+        world, n = self.world, len(y)
+        if n < world.size:
+            raise ParamsError(
+                f"the last batch has {n} image(s), fewer than the {world.size} processes; choose "
+                f"train.batch_size so that the train set size ({len(self.train_y)}) mod it is 0 or >= {world.size}"
+            )
+        lo, hi = world.bounds(n)
+        self.loss_scale = (hi - lo) * world.size / n
+        return x[lo:hi], y[lo:hi]
+
     def validate(self) -> tuple[float, float]:
         """(loss, accuracy) on the val set: no grad, centre crop (or cached features)."""
+        if self.world is not None:
+            return self.validate_shards()
         if self.cached:
             with torch.no_grad():
                 self.net.eval()
                 logits = self.net(self.val_x).float().cpu()
         else:
             logits = predict_logits(self.net, self.val_x, self.tp.crop, self.device, self.tp.amp)
+        loss = float(LOSSES[self.tp.loss].fn(logits, self.val_y, self.tp))
+        return loss, float((logits.argmax(1) == self.val_y).float().mean())
+
+    def validate_shards(self) -> tuple[float, float]:
+        """validate() with each rank running its slice of the val set, then the logits gathered:
+        every rank scores the same logits, with rank 0's BatchNorm statistics."""
+        world, n = self.world, len(self.val_y)
+        world.broadcast_buffers(self.model)
+        lo, hi = world.bounds(n)
+        if self.cached:
+            with torch.no_grad():
+                self.bare.eval()
+                logits = self.bare(self.val_x[lo:hi]).float()
+        else:
+            logits = predict_logits(self.bare, self.val_x[lo:hi], self.tp.crop, self.device, self.tp.amp)
+        logits = world.gather_rows(logits, n)
         loss = float(LOSSES[self.tp.loss].fn(logits, self.val_y, self.tp))
         return loss, float((logits.argmax(1) == self.val_y).float().mean())
 
@@ -259,11 +308,14 @@ def train(
     device: torch.device,
     seed: int,
     on_epoch=None,
+    world=None,
 ) -> History:
-    """Train `model` in place; returns the per-epoch history and the best-val-accuracy weights."""
-    loop = Loop(model, train_split, val_split, tp, device, seed)
+    """Train `model` in place; returns the per-epoch history and the best-val-accuracy weights.
+    With a `world` (several processes) every rank runs this; the history is the same on each."""
+    loop = Loop(model, train_split, val_split, tp, device, seed, world)
     history = History()
-    bar = tqdm(range(1, tp.epochs + 1), desc="finetune", unit="epoch", leave=False, disable=None)
+    quiet = None if world is None or world.rank == 0 else True
+    bar = tqdm(range(1, tp.epochs + 1), desc="finetune", unit="epoch", leave=False, disable=quiet)
     for epoch in bar:
         start = time.perf_counter()
         train_loss, train_acc = loop.train_epoch()

@@ -1,0 +1,340 @@
+"""Several training processes (train.nproc_per_node, train.nnodes): torch.distributed on CPU with gloo.
+
+Ranks run on 127.0.0.1, started by torch's elastic launcher (as the stage starts them). Tiny images and
+models, one thread per rank, few steps: CI has two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY_TRAIN, make_prepared, make_weights_dir, write_params
+from dvc_helpers import copy_project, dvc, dvc_json, finished_project, free_port, set_params, stage_report
+from torch import nn
+
+from cnnlens.cli import ParamsError
+from cnnlens.config import TrainParams, parse_params
+from cnnlens.tensors import load_split
+from cnnlens.training import train
+
+# A global batch of 6 over 21 images: batches 6, 6, 6, 3; the last splits 1 + 2 over two ranks, so the
+# uneven-slice loss scaling runs too. Augmentation on (random boxes and flips from the one generator).
+SAME = {
+    **TINY_TRAIN,
+    "epochs": 2,
+    "batch_size": 6,
+    "crop": 16,
+    "lr": 0.02,
+    "step_size": 10,
+    "sync_batchnorm": True,
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("prepared"), n_train=21, n_val=7, size=20)
+
+
+def tiny_net(seed: int = 0) -> nn.Module:
+    """Two conv + BatchNorm blocks and a Linear head: small and well conditioned (float summation order
+    moves its weights by ~1e-7, not by the ~1e-2 a random-init ResNet-18 on 16 px crops shows)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+
+
+def train_rank(data_dir: str, overrides: dict, slicing: str):
+    """One rank (run by elastic_launch in its own process): train tiny_net; return the weights and history.
+    slicing "same": every rank takes rank 0's slice, the bug the comparison must catch."""
+    from cnnlens.distributed import World
+
+    torch.set_num_threads(1)
+    tp = TrainParams(**overrides)
+    world = World(tp, torch.device("cpu"))
+    if slicing == "same":
+        bounds = World.bounds  # rank 0's rows wherever a rank asks for its own
+        World.bounds = lambda self, n, rank=None: bounds(self, n, 0 if rank is None else rank)
+    torch.manual_seed(0)
+    model = tiny_net()
+    history = train(
+        model, load_split(data_dir, "train"), load_split(data_dir, "val"), tp, world.device, 0, world=world
+    )
+    world.close()
+    return model.state_dict(), history.epochs
+
+
+def launch_ranks(n: int, *args) -> dict:
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=n,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+    )
+    return elastic_launch(config, train_rank)(*args)
+
+
+def one_process(data_dir, overrides):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = tiny_net()
+    tp = TrainParams(**overrides)
+    history = train(
+        model, load_split(data_dir, "train"), load_split(data_dir, "val"), tp, torch.device("cpu"), 0
+    )
+    return model.state_dict(), history.epochs
+
+
+def update_mismatch(one, two, start) -> float:
+    """max |(w2 - w0) - (w1 - w0)| / max |w1 - w0| over every float tensor (weights and BN statistics):
+    the difference of the two runs relative to how far training moved the weights."""
+    keys = [k for k, v in start.items() if v.is_floating_point()]
+    diff = max(float((two[k] - one[k]).abs().max()) for k in keys)
+    moved = max(float((one[k] - start[k]).abs().max()) for k in keys)
+    assert moved > 1e-3, "training did not move the weights: nothing is compared"
+    return diff / moved
+
+
+# float32 summation order (per-rank partial sums of 3 rows instead of one sum of 6) changes each reduction
+# by a few ulps (~1e-7 relative); over these 8 SGD steps on a small, well-conditioned net the two runs'
+# updates differ by 3.4e-7 (AVX2) and 4.5e-7 (SSE4.1 kernels) of their size. Both ranks training on the
+# same half of each batch gives 2.1e-1; dropping the uneven last batch's loss share gives 2.6e-2. 1e-4
+# sits ~200x above the noise and ~250x below the smallest bug seen.
+TOLERANCE = 1e-4
+
+
+@pytest.mark.trajectory
+@pytest.mark.parametrize("slicing", ["rank", "same"])
+def test_two_ranks_with_sync_batchnorm_equal_one_process(data, slicing):
+    start = tiny_net().state_dict()
+    single, single_epochs = one_process(str(data), SAME)
+    results = launch_ranks(2, str(data), SAME, slicing)
+    two, two_epochs = results[0]
+    mismatch = update_mismatch(single, two, start)
+    print(f"slicing {slicing}: update mismatch {mismatch:.2e}")  # shown with pytest -s
+    if slicing == "same":  # the comparison detects a slicing bug
+        assert mismatch > 100 * TOLERANCE, mismatch
+        return
+    assert mismatch < TOLERANCE, mismatch
+    other = results[1][0]  # DDP kept the ranks' weights identical
+    assert all(torch.equal(two[k], other[k]) for k in two)
+    for a, b in zip(single_epochs, two_epochs):  # the same history: global loss, accuracy, validation
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
+
+
+def test_world_size_is_checked_before_anything_starts(tmp_path):
+    cpu = torch.device("cpu")
+    from cnnlens.distributed import plan
+
+    assert plan(TrainParams(), cpu).size == 1
+    assert plan(TrainParams(nproc_per_node="auto"), cpu).size == 1  # auto: every GPU; none here
+    assert plan(TrainParams(nproc_per_node=2, batch_size=4), cpu).size == 2
+    bad = {
+        "does not divide by the world size 3": dict(nproc_per_node=3, batch_size=4),
+        "node_rank = 2 must be below train.nnodes = 2": dict(nnodes=2, node_rank=2, rdzv_endpoint="h:1"),
+        "needs train.rdzv_endpoint": dict(nnodes=2, batch_size=4),
+        "expected host:port": dict(nnodes=2, batch_size=4, rdzv_endpoint="nohost"),
+        "nccl needs CUDA": dict(nproc_per_node=2, backend="nccl"),
+    }
+    for message, values in bad.items():
+        with pytest.raises(ParamsError, match=message) as err:
+            plan(TrainParams(**values), cpu)
+        assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    assert parse_params({"train": {"nproc_per_node": "auto"}}).train.nproc_per_node == "auto"
+    with pytest.raises(ParamsError, match="expected auto or an integer"):
+        parse_params({"train": {"nproc_per_node": "two"}})
+
+
+def test_each_rank_takes_its_slice_and_its_share_of_the_loss():
+    from types import SimpleNamespace
+
+    from cnnlens.distributed import World
+    from cnnlens.training import Loop
+
+    x, y = torch.arange(10.0).view(5, 2), torch.arange(5)
+    rows, scales = [], []
+    for rank in range(2):
+        loop = SimpleNamespace(world=SimpleNamespace(rank=rank, size=2, bounds=None), train_y=torch.zeros(21))
+        loop.world.bounds = World.bounds.__get__(loop.world)
+        xs, ys = Loop.rank_rows(loop, x, y)
+        assert torch.equal(xs, x[ys])
+        rows.append(ys.tolist())
+        scales.append(loop.loss_scale)
+    assert rows == [[0, 1], [2, 3, 4]]  # contiguous, disjoint, covering the global batch
+    assert scales == [2 * 2 / 5, 3 * 2 / 5]  # DDP's mean of (scale x rank mean) = the global mean
+    loop = SimpleNamespace(world=SimpleNamespace(rank=0, size=4), train_y=torch.zeros(21))
+    loop.world.bounds = World.bounds.__get__(loop.world)
+    with pytest.raises(ParamsError, match="fewer than the 4 processes"):
+        Loop.rank_rows(loop, x[:3], y[:3])
+
+
+def stage_cmd(data, weights, out: Path, params: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "stages.finetune",
+        *("--data", data, "--weights", weights, "--params", params),
+        *("--model", out / "models", "--metrics", out / "train.json", "--live", out / "live"),
+    ]
+
+
+def stage_env(hook: str | None = None, tmp: Path | None = None, **extra) -> dict:
+    """The stage's environment; `hook`: Python run at start-up of every process (a sitecustomize.py)."""
+    path = [str(ROOT)]
+    if hook:
+        site = tmp / "site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(textwrap.dedent(hook))
+        path.insert(0, str(site))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **extra}
+
+
+@pytest.fixture
+def stage(tmp_path, data):
+    weights = make_weights_dir(tmp_path / "w")
+
+    def make(name: str, **train):
+        params = write_params(
+            tmp_path / f"{name}.yaml",
+            {"train": {**TINY_TRAIN, "epochs": 1, "crop": 16, **train}, "model": {"weights": "none"}},
+        )
+        return stage_cmd(data, weights, tmp_path / name, params)
+
+    return make
+
+
+def no_outputs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+FAIL_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import cnnlens.training
+    from cnnlens.cli import StageError
+
+    def broken(self):
+        raise StageError("rank 1 broke on purpose")
+
+    cnnlens.training.Loop.train_epoch = broken
+"""
+
+
+def test_a_failing_rank_fails_the_stage_with_its_message_and_no_output(tmp_path, stage):
+    cmd = stage("failing", nproc_per_node=2, batch_size=8)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=stage_env(FAIL_RANK_1, tmp_path), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: rank 1 broke on purpose" in proc.stderr  # the rank's own line
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: rank 1 of 2 failed: rank 1 broke on purpose", proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert no_outputs(tmp_path / "failing") == []  # no outs, no temporaries
+
+
+HANG = """
+import os
+if os.environ.get("RANK") is not None:
+    import time
+    from pathlib import Path
+    import cnnlens.training
+
+    def hang(self):
+        Path(os.environ["PIDS"], os.environ["RANK"]).write_text(str(os.getpid()))
+        time.sleep(120)
+
+    cnnlens.training.Loop.train_epoch = hang
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_killing_the_stage_leaves_no_workers(tmp_path, stage):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    cmd = stage("killed", nproc_per_node=2, batch_size=8)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=stage_env(HANG, tmp_path, PIDS=str(pids)), stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 240
+        while len(list(pids.iterdir())) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        workers = [int(p.read_text()) for p in pids.iterdir()]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(w) for w in workers), "workers outlived the killed stage"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_two_nodes_on_one_machine_complete_an_epoch(tmp_path, stage):
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = dict(nnodes=2, rdzv_endpoint=endpoint, batch_size=8)
+    nodes = [
+        subprocess.Popen(
+            stage(f"node{rank}", node_rank=rank, **common),
+            cwd=ROOT,
+            env=stage_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    errs = [n.communicate(timeout=300)[1] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(e[-2000:] for e in errs)
+    metrics = json.loads((tmp_path / "node0" / "train.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["devices"]) == 2
+    assert metrics["last_epoch"]["epoch"] == 1
+    assert (tmp_path / "node0" / "models" / "model.pt").is_file()
+    assert no_outputs(tmp_path / "node1") == []  # only node 0 writes
+
+
+def test_dvc_repro_runs_finetune_with_two_processes(tmp_path_factory, tmp_path):
+    # the tiny project test_dvc.py builds once per session; here only finetune reruns, with 2 processes
+    project = copy_project(finished_project(tmp_path_factory)[0], tmp_path / "project")
+    set_params(project, **{"train.nproc_per_node": 2})
+    out = dvc(project, "repro", "finetune").stdout
+    assert stage_report(out)["ran"] == {"finetune"}, out[-3000:]
+    metrics = json.loads((project / "metrics" / "train.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["devices"]) == 2
+    assert (project / "models" / "model.pt").is_file()
+    assert dvc_json(project, "status", "finetune") == {}  # what DVC recorded is what is on disk
