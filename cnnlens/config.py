@@ -85,6 +85,8 @@ class PrepareParams:
     max_aspect: float = _f(
         20.0, min=1.0, max=1000.0, doc="images longer than this times their short side are bad"
     )
+    shard_mb: int = _f(256, min=1, max=4096, doc="most MiB of packed images per shard file")
+    copy_images: bool = _f(True, doc="also write the resized ImageFolder copy; false for large data")
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,13 @@ class TrainParams:
         "Off by default until graphed training is shown equal to eager on a GPU (BENCHMARKS.md, GPU)",
     )
     threads: int = _f(0, min=0, doc="CPU threads; 0: torch's default")
+    resident_mb: str | int = _f(
+        "auto",
+        choices=("auto",),
+        min=0,
+        doc="keep the packed train+val images on the device when they take at most this many MiB, else "
+        "stream batches from the memory-mapped shards; auto: half the free GPU memory, a quarter of free RAM",
+    )
 
 
 @dataclass(frozen=True)
@@ -239,6 +248,8 @@ def _check(key, value, hint, meta, source):
             value = "on" if value else "off"  # YAML 1.1 (PyYAML, DVC's -S) reads a bare on/off as a boolean
         if not isinstance(value, str):
             fail("a string" + (f", one of: {', '.join(choices)}" if choices else ""))
+    elif base == str | int:  # a named choice or a number, e.g. auto | 4096
+        return _choice_or_int(value, choices, lo, hi, fail)
     elif base is list:
         if not isinstance(value, list):
             fail("a list" + (f" of: {', '.join(choices)}" if choices else ""))
@@ -255,6 +266,15 @@ def _check(key, value, hint, meta, source):
         fail(f"one of: {', '.join(choices)}")
     if lo is not None and value < lo or hi is not None and value > hi:
         fail(_range(lo, hi).lstrip(", ") or "a value in range")
+    return value
+
+
+def _choice_or_int(value, choices, lo, hi, fail):
+    ok = (
+        value in choices if isinstance(value, str) else isinstance(value, int) and not isinstance(value, bool)
+    )
+    if not ok or isinstance(value, int) and (lo is not None and value < lo or hi is not None and value > hi):
+        fail(f"one of: {', '.join(choices)}, or an integer" + _range(lo, hi))
     return value
 
 
