@@ -77,9 +77,12 @@ def select_images(split: Split, paths: list[str], count: int) -> Split:
         return split.subset([split.paths.index(p) for p in paths])
     if len(split) == 0:
         raise StageError("the val split is empty; nothing to explain")
-    count = min(count, len(split))
-    index = torch.linspace(0, len(split) - 1, count).round().long().unique()
-    return split.subset(index)
+    return split.subset(spread_index(len(split), count))
+
+
+def spread_index(n: int, count: int) -> torch.Tensor:
+    """`count` indices spread evenly over 0..n-1 (all of them when count >= n)."""
+    return torch.linspace(0, n - 1, min(count, n)).round().long().unique()
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
