@@ -161,7 +161,8 @@ class ShardedTensor:
 
     def __init__(self, parts: list[tuple[torch.Tensor, mmap.mmap | None]], row_shape: tuple[int, ...]):
         self.parts = [t for t, _ in parts]
-        self.maps = [m for _, m in parts if m is not None]
+        self.part_maps = [m for _, m in parts]
+        self.maps = [m for m in self.part_maps if m is not None]
         self.starts = torch.tensor([0] + [len(t) for t in self.parts]).cumsum(0)
         self.shape = torch.Size((int(self.starts[-1]), *row_shape))
         self.read = 0
@@ -208,8 +209,13 @@ class ShardedTensor:
             mm.madvise(mmap.MADV_DONTNEED)
 
     def to(self, *args, **kwargs) -> torch.Tensor:
-        whole = torch.cat(self.parts) if self.parts else torch.empty(self.shape, dtype=torch.uint8)
-        self.release()
+        """The whole tensor in memory, then on the device: read shard by shard, each shard's pages
+        dropped once copied, so the peak is the tensor plus one shard."""
+        whole = torch.empty(self.shape, dtype=torch.uint8)
+        for start, part, mm in zip(self.starts.tolist(), self.parts, self.part_maps):
+            whole[start : start + len(part)] = part
+            if mm is not None:
+                mm.madvise(mmap.MADV_DONTNEED)
         return whole.to(*args, **kwargs)
 
 
