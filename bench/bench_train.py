@@ -180,7 +180,7 @@ def main():
     ap.add_argument("--crop", type=int, default=224, help="network input size (smaller for dry runs)")
     args = ap.parse_args()
     device = select_device(args.device)
-    if not (args.prepared / "train.pt").exists():
+    if not (args.prepared / "shards" / "index.json").exists():
         print(f"preparing {args.raw} -> {args.prepared}", file=sys.stderr)
         subprocess.run(
             [

@@ -86,6 +86,8 @@ class PrepareParams:
     max_aspect: float = _f(
         20.0, min=1.0, max=1000.0, doc="images longer than this times their short side are bad"
     )
+    shard_mb: int = _f(256, min=1, max=4096, doc="most MiB of packed images per shard file")
+    copy_images: bool = _f(True, doc="also write the resized ImageFolder copy; false for large data")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,13 @@ class TrainParams:
     )
     backend: str = _f("auto", choices=("auto", "nccl", "gloo"), doc="auto: NCCL on CUDA, gloo on CPU")
     sync_batchnorm: bool = _f(False, doc="several processes: BatchNorm statistics over the global batch")
+    resident_mb: int | str = _f(
+        "auto",
+        min=0,
+        words=("auto",),
+        doc="keep the packed train+val images on the device when they take at most this many MiB, else "
+        "stream batches from the memory-mapped shards; auto: half the free GPU memory, a quarter of free RAM",
+    )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from cnnlens.cli import StageError
 from cnnlens.files import load_torch
+from cnnlens.shards import INDEX, ShardedTensor, open_split
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, as in the tutorial
 STD = (0.229, 0.224, 0.225)
@@ -24,10 +25,10 @@ STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 N x 3 x S x S
+    images: torch.Tensor | ShardedTensor  # uint8 N x 3 x S x S
     labels: torch.Tensor  # int64 N
     paths: list[str]  # relative to the raw ImageFolder, e.g. "val/ants/123.jpg"
-    masks: torch.Tensor | None  # uint8 N x S x S, 1 = object (synthetic data only)
+    masks: torch.Tensor | ShardedTensor | None  # uint8 N x S x S, 1 = object (synthetic data only)
 
     def __len__(self):
         return len(self.labels)
@@ -43,6 +44,11 @@ class Split:
 
 
 def load_split(prepared: str | Path, split: str) -> Split:
+    """The split as the prepare stage wrote it: memory-mapped shards (shards/index.json), read only
+    where indexed; or, from an older prepare, one packed `<split>.pt` loaded whole."""
+    shards = Path(prepared) / "shards"
+    if (shards / INDEX).exists() or not (Path(prepared) / f"{split}.pt").exists():
+        return Split(*open_split(shards, split))
     path = Path(prepared) / f"{split}.pt"
     blob = load_torch(path, what=f"packed {split} split (written by the prepare stage)")
     try:
@@ -71,9 +77,12 @@ def select_images(split: Split, paths: list[str], count: int) -> Split:
         return split.subset([split.paths.index(p) for p in paths])
     if len(split) == 0:
         raise StageError("the val split is empty; nothing to explain")
-    count = min(count, len(split))
-    index = torch.linspace(0, len(split) - 1, count).round().long().unique()
-    return split.subset(index)
+    return split.subset(spread_index(len(split), count))
+
+
+def spread_index(n: int, count: int) -> torch.Tensor:
+    """`count` indices spread evenly over 0..n-1 (all of them when count >= n)."""
+    return torch.linspace(0, n - 1, min(count, n)).round().long().unique()
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from cnnlens.cli import ParamsError, log
 from cnnlens.config import TrainParams
 from cnnlens.losses import LOSSES
 from cnnlens.model import autocast, get_module, head_name, predict_logits, set_module
+from cnnlens.shards import Feeder, ShardedTensor, resident_budget
 from cnnlens.tensors import Split, eval_inputs, random_resized_crop
 
 
@@ -35,6 +36,8 @@ class History:
     images_seen: int = 0
     train_seconds: float = 0.0
     cuda_graphs: bool = False  # whether the train step ran as a captured CUDA graph
+    streamed: bool = False  # whether training batches streamed from the shards (else the set was resident)
+    input_wait_seconds: float = 0.0  # streamed: time the loop waited for its next batch
 
 
 def configure(tp: TrainParams, device: torch.device, seed: int) -> None:
@@ -146,6 +149,22 @@ class GraphedStep:
         # capturing ran nothing: copy and replay this batch as every later one (see __call__)
 
 
+def place(train_images, val_images, resident_mb, device) -> tuple:
+    """The packed images for training: on the device when they fit train.resident_mb (the resident
+    path, as fast as the data allows), else the memory-mapped shards as they are (streamed)."""
+    if not isinstance(train_images, ShardedTensor):  # an in-memory split (older prepare, tests)
+        return train_images.to(device), val_images.to(device)  # uint8: 244 x 3 x 256 x 256 is 48 MB
+    need = train_images.nbytes + val_images.nbytes
+    budget = resident_budget(resident_mb, device)
+    if need <= budget:
+        return train_images.to(device), val_images.to(device)
+    log(
+        f"finetune: {need / 2**20:.0f} MiB of packed images > train.resident_mb budget "
+        f"{budget / 2**20:.0f} MiB: streaming batches from the shards"
+    )
+    return train_images, val_images
+
+
 class Loop:
     """What one run needs on the device: the model (compiled or not), the optimiser, the data and the
     one seeded generator that draws the permutation and the augmentation boxes. With a `world`
@@ -179,8 +198,8 @@ class Loop:
             self.val_x = backbone_features(model, val_split.images, tp.crop, device, tp.amp).to(device)
         else:
             self.net = torch.compile(model) if tp.compile else model
-            self.train_x = train_split.images.to(device)  # uint8: 244 x 3 x 256 x 256 is 48 MB
-            self.val_x = val_split.images.to(device)
+            self.train_x, self.val_x = place(train_split.images, val_split.images, tp.resident_mb, device)
+        self.feeder = Feeder(self.train_x, device) if isinstance(self.train_x, ShardedTensor) else None
         self.train_y, self.val_y = train_split.labels.to(device), val_split.labels
         self.graphed = None
         if device.type == "cuda" and tp.cuda_graphs != "off" and not tp.compile and not self.cached:
@@ -196,12 +215,13 @@ class Loop:
         tp = self.tp
         if self.cached:
             return self.train_x[idx]
+        batch = self.feeder.get(idx) if self.feeder is not None else self.train_x[idx]
         if tp.augment:
             x = random_resized_crop(
-                self.train_x[idx], tp.crop, scale=(tp.min_scale, 1.0), flip=tp.flip, generator=self.generator
+                batch, tp.crop, scale=(tp.min_scale, 1.0), flip=tp.flip, generator=self.generator
             )
         else:
-            x = eval_inputs(self.train_x[idx], tp.crop)
+            x = eval_inputs(batch, tp.crop)
         return x.contiguous(memory_format=torch.channels_last) if self.use_amp else x
 
     def eager_step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +263,8 @@ class Loop:
         if self.graphed is not None:
             self.graphed.set_lr(self.optimizer.param_groups[0]["lr"])
         order = torch.randperm(len(self.train_y), generator=self.generator).to(device)
+        if self.feeder is not None:  # streaming: read each batch while the one before trains
+            self.feeder.plan(order, tp.batch_size)
         total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for i in range(0, len(order), tp.batch_size):
             idx = order[i : i + tp.batch_size]
@@ -337,6 +359,8 @@ def train(
         history.epochs.append(row)
         history.images_seen += len(loop.train_y)
         history.cuda_graphs = loop.graphed is not None and loop.graphed.graph is not None
+        history.streamed = loop.feeder is not None
+        history.input_wait_seconds = loop.feeder.wait if loop.feeder is not None else 0.0
         history.train_seconds += seconds
         if val_acc > history.best_val_acc:
             history.best_val_acc, history.best_epoch = val_acc, epoch
@@ -345,4 +369,11 @@ def train(
         if on_epoch:
             on_epoch(row)
     bar.close()
+    if loop.feeder is not None:
+        f = loop.feeder
+        f.close()
+        log(
+            f"finetune: streamed from the shards; waited {f.wait:.2f} s of {history.train_seconds:.1f} s for data "
+            f"({f.hits} batches read ahead, {f.misses} on demand)"
+        )
     return history

@@ -1,17 +1,21 @@
-"""prepare: raw ImageFolder -> resized ImageFolder, manifest, classes.json and packed uint8 tensors.
+"""prepare: raw ImageFolder -> packed uint8 shards, manifest, classes.json (and a resized ImageFolder copy).
 
 python -m stages.prepare --raw data/raw --out data/prepared --report metrics/data.json
-Training then reads `train.pt` / `val.pt` and never decodes a JPEG per epoch.
+Training then memory-maps data/prepared/shards/ (cnnlens/shards.py) and never decodes a JPEG per epoch.
+Images stream through a bounded decode pipeline into shards of at most prepare.shard_mb each, so
+memory does not grow with the number of images; prepare.copy_images: false skips the resized copy
+(one file per image for DVC to hash) for large data.
 """
 
+import collections
 import io
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -25,7 +29,8 @@ from cnnlens.decode import (
     stratified_split,
     to_chw_uint8,
 )
-from cnnlens.files import atomic_outputs, save_torch, sha256_file, write_json
+from cnnlens.files import atomic_outputs, sha256_file, write_json
+from cnnlens.shards import ShardWriter, write_index
 
 # JPEG stores at most 65,535 px a side; anything the resize makes larger cannot be a prepared image
 JPEG_MAX_SIDE = 65_535
@@ -94,8 +99,24 @@ def box_of(mask) -> str:
     return f"{xs.min()} {ys.min()} {xs.max() + 1} {ys.max() + 1}"
 
 
-def decode_all(raw: Path, splits: dict, classes: list[str], p) -> list:
-    """Decode, resize and pack every image on a thread pool: [(job, result or None, name or skip reason)]."""
+def bounded_map(fn, items: list, workers: int, depth: int):
+    """fn over items on a thread pool, results in order, at most `depth` submitted and not yet taken:
+    memory holds a few decoded images, however many there are."""
+    pool = ThreadPoolExecutor(workers)  # PIL releases the GIL while decoding and resizing
+    pending = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # a stop (SIGTERM from a dying dvc, Ctrl-C) must not wait for every queued image
+        pool.shutdown(cancel_futures=True)
+
+
+def decode_stream(raw: Path, splits: dict, classes: list[str], p):
+    """Decode, resize and pack every image: yields (job, result or None, name or skip reason) in order."""
     masks = read_annotations(raw)
     jobs = [(split, cls, f) for split in ("train", "val") for cls in classes for f in splits[split][cls]]
     names = check_names(raw, jobs)
@@ -107,42 +128,33 @@ def decode_all(raw: Path, splits: dict, classes: list[str], p) -> list:
         except BadImage as exc:
             return job, None, str(exc)
 
-    pool = ThreadPoolExecutor()  # PIL releases the GIL while decoding and resizing
-    try:
-        return list(
-            tqdm(pool.map(work, jobs), total=len(jobs), desc="prepare", unit="img", leave=False, disable=None)
-        )
-    finally:  # a stop (SIGTERM from a dying dvc, Ctrl-C) must not wait for every queued image
-        pool.shutdown(cancel_futures=True)
+    workers = min(32, (os.cpu_count() or 1) + 4)
+    results = bounded_map(work, jobs, workers, depth=4 * workers)
+    yield from tqdm(results, total=len(jobs), desc="prepare", unit="img", leave=False, disable=None)
 
 
-def write_prepared(out: Path, results: list, classes: list[str]) -> list[dict]:
-    """The resized ImageFolder copy, the packed tensors, manifest.csv and classes.json; returns the rows."""
-    rows, packs = [], {s: {"images": [], "labels": [], "paths": [], "masks": []} for s in ("train", "val")}
-    for (split, cls, _), res, name in results:
+def write_prepared(out: Path, results, classes: list[str], pp) -> tuple[list[dict], list]:
+    """Streams the results into the shards (and, with prepare.copy_images, the resized ImageFolder
+    copy); returns the manifest rows and the results that were skipped."""
+    shards = out / "shards"
+    shards.mkdir(parents=True)
+    writers = {s: ShardWriter(shards, s, pp.resize, pp.shard_mb * 2**20) for s in ("train", "val")}
+    rows, bad = [], []
+    for (split, cls, f), res, name in results:
         if res is None:
+            bad.append(((split, cls, f), res, name))
             continue
         record, jpeg, square, mask = res
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(jpeg)
-        rows.append({**record, "prepared": name, "split": split, "class": cls, "label": classes.index(cls)})
-        pack = packs[split]
-        pack["images"].append(square)
-        pack["labels"].append(classes.index(cls))
-        pack["paths"].append(record["path"])
-        pack["masks"].append(mask)
-    for split, pack in packs.items():
-        tensors = {
-            "images": torch.from_numpy(np.stack(pack["images"])),
-            "labels": torch.tensor(pack["labels"], dtype=torch.int64),
-            "paths": pack["paths"],
-        }
-        if all(m is not None for m in pack["masks"]):
-            tensors["masks"] = torch.from_numpy(np.stack(pack["masks"]))
-        save_torch(tensors, out / f"{split}.pt")
-    pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
-    (out / "classes.json").write_text(json.dumps(classes) + "\n")
-    return rows
+        if pp.copy_images:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(jpeg)
+        prepared = name if pp.copy_images else ""
+        rows.append(
+            {**record, "prepared": prepared, "split": split, "class": cls, "label": classes.index(cls)}
+        )
+        writers[split].add(square, mask, classes.index(cls), record["path"])
+    write_index(shards, pp.resize, {s: w.close() for s, w in writers.items()})
+    return rows, bad
 
 
 def main(argv=None):
@@ -158,27 +170,30 @@ def main(argv=None):
         log(f"prepare: no val/ folder, split train by val_fraction={p.prepare.val_fraction} (seed {p.seed})")
     classes = sorted(set(splits["train"]) | set(splits["val"]))
     check_classes(splits, classes, args.raw)
-    results = decode_all(args.raw, splits, classes, p)
-    skipped = skipped_images(args.raw, results, p.prepare.on_bad_image)
-    kept = [job for job, res, _ in results if res is not None]
-    counts = {s: {c: sum(j[0] == s and j[1] == c for j in kept) for c in classes} for s in ("train", "val")}
-    check_classes(
-        {s: {c: [0] * n for c, n in cc.items()} for s, cc in counts.items()},
-        classes,
-        args.raw,
-        after="after skipping bad images",
-    )
-    report = {
-        "classes": len(classes),
-        "train_images": sum(counts["train"].values()),
-        "val_images": sum(counts["val"].values()),
-        "skipped": len(skipped),
-        "per_class": counts,
-        "skipped_files": skipped,
-    }
     # all or nothing, the report last: a failed stage never leaves fresh metrics beside stale outs
     with atomic_outputs(args.out, args.report) as (out, report_tmp):
-        write_prepared(out, results, classes)
+        rows, bad = write_prepared(out, decode_stream(args.raw, splits, classes, p), classes, p.prepare)
+        skipped = skipped_images(args.raw, bad, p.prepare.on_bad_image)
+        counts = {
+            s: {c: sum(r["split"] == s and r["class"] == c for r in rows) for c in classes}
+            for s in ("train", "val")
+        }
+        check_classes(
+            {s: {c: [0] * n for c, n in cc.items()} for s, cc in counts.items()},
+            classes,
+            args.raw,
+            after="after skipping bad images",
+        )
+        report = {
+            "classes": len(classes),
+            "train_images": sum(counts["train"].values()),
+            "val_images": sum(counts["val"].values()),
+            "skipped": len(skipped),
+            "per_class": counts,
+            "skipped_files": skipped,
+        }
+        pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
+        (out / "classes.json").write_text(json.dumps(classes) + "\n")
         pd.DataFrame(skipped, columns=["path", "split", "class", "reason"]).to_csv(
             out / "skipped.csv", index=False
         )

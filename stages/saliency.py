@@ -42,9 +42,12 @@ from cnnlens.quality import (
     quality_scores,
     randomization_check,
 )
-from cnnlens.tensors import center_crop, denormalize, eval_inputs, load_split, select_images
+from cnnlens.tensors import center_crop, denormalize, eval_inputs, load_split, select_images, spread_index
 
 RANDOMIZATION_IMAGES = 8
+# Quality images on the device at once: saliency.quality_images: 0 (all of val) scores a large val split
+# chunk by chunk in bounded memory. A val split of at most this many is one chunk, scored as before.
+QUALITY_CHUNK = 256
 # The randomisation check reruns a method (layers + 2) = 8 times on 8 images; on a CPU it runs only
 # for methods of at most this many passes per image (gradient, Grad-CAM): SmoothGrad and IG would
 # take most of the demo's minute. On a GPU it runs for every method.
@@ -175,17 +178,42 @@ class Batch:
         ]
 
 
+class Scored:
+    """The quality images as Batches of at most QUALITY_CHUNK: the first is kept (it is all of a small
+    split, and the randomisation check's images), the others are rebuilt on each pass."""
+
+    def __init__(self, model, val, index, meta, device, sp):
+        self.args, self.index, self.n = (model, val, meta, device, sp), index, len(index)
+        self.first = self._batch(0)
+        self.masks = self.first.masks
+
+    def _batch(self, start):
+        model, val, meta, device, sp = self.args
+        return Batch(model, val.subset(self.index[start : start + QUALITY_CHUNK]), meta, device, sp)
+
+    def __iter__(self):
+        yield self.first
+        for start in range(QUALITY_CHUNK, self.n, QUALITY_CHUNK):
+            yield self._batch(start)
+
+
 def score_method(name, model, shown, scored, p, device, layers) -> tuple[dict, torch.Tensor, list | None]:
     """One method: its maps of the shown images, its quality scores on the scored ones, its cost and,
     where affordable, its randomisation curve. Returns (metrics, shown maps, curve or None)."""
     sp, m = p.saliency, METHODS[name]
     start = time.perf_counter()
     maps = explain(name, model, shown.x, shown.pred, sp, p.seed)
-    maps_q = explain(name, model, scored.x, scored.pred, sp, p.seed)
-    seconds = (time.perf_counter() - start) / (len(shown.x) + len(scored.x))
+    raw, rel = {}, []
+    for chunk in scored:
+        maps_q = explain(name, model, chunk.x, chunk.pred, sp, p.seed)
+        for k, v in raw_quality(model, chunk, maps_q, p).items():
+            raw.setdefault(k, []).append(v)
+        if name == "integrated_gradients":
+            rel.append(ig_completeness(model, chunk.x, chunk.pred, maps_q, sp.batch_size))
+    seconds = (time.perf_counter() - start) / (len(shown.x) + scored.n)
     n = m.passes(sp)
     metrics = {
-        **quality(model, scored, maps_q, p),
+        **{k: bootstrap_ci(torch.cat(v), sp.bootstrap, p.seed) for k, v in raw.items()},
         "randomization_rho": None,
         "seconds_per_image": seconds,
         "passes": {"forward": n, "backward": n, "what": m.cost},
@@ -194,16 +222,15 @@ def score_method(name, model, shown, scored, p, device, layers) -> tuple[dict, t
         },
     }
     if name == "integrated_gradients":
-        rel = ig_completeness(model, scored.x, scored.pred, maps_q, sp.batch_size)
-        metrics["ig_completeness_error"] = bootstrap_ci(rel, sp.bootstrap, p.seed)
+        metrics["ig_completeness_error"] = bootstrap_ci(torch.cat(rel), sp.bootstrap, p.seed)
         metrics["metric_passes"]["ig_completeness"] = {"forward": 2, "backward": 0}
     if not sp.randomization or (device.type == "cpu" and n > RANDOMIZATION_MAX_PASSES_CPU):
         return metrics, maps, None
-    nr = min(len(scored.x), RANDOMIZATION_IMAGES)
+    nr = min(scored.n, RANDOMIZATION_IMAGES)
     curve = randomization_check(
         model,
-        scored.x[:nr],
-        scored.pred[:nr].to(device),
+        scored.first.x[:nr],
+        scored.first.pred[:nr].to(device),
         layer_order=layers,
         seed=p.seed,
         method_fn=lambda net, xx, t: explain(name, net, xx, t, sp, p.seed),
@@ -214,13 +241,22 @@ def score_method(name, model, shown, scored, p, device, layers) -> tuple[dict, t
     return metrics, maps, curve
 
 
-def quality(model, scored, maps, p) -> dict:
-    """Quality scores of maps of the scored images, each as a mean with its 95% bootstrap interval."""
+def raw_quality(model, chunk, maps, p) -> dict:
+    """Per-image quality scores of maps of one chunk of the scored images."""
     sp = p.saliency
-    scores = quality_scores(
-        model, scored.x, scored.pred, maps, scored.masks, sp.quality_steps, p.seed, sp.batch_size
+    return quality_scores(
+        model, chunk.x, chunk.pred, maps, chunk.masks, sp.quality_steps, p.seed, sp.batch_size
     )
-    return {k: bootstrap_ci(v, sp.bootstrap, p.seed) for k, v in scores.items()}
+
+
+def baseline_quality(model, scored, kind, crop, p) -> dict:
+    """A baseline's quality scores over every chunk, each as a mean with its 95% bootstrap interval."""
+    raw = {}
+    for chunk in scored:
+        maps = baseline_maps(kind, len(chunk.x), crop, crop, p.seed)
+        for k, v in raw_quality(model, chunk, maps, p).items():
+            raw.setdefault(k, []).append(v)
+    return {k: bootstrap_ci(torch.cat(v), p.saliency.bootstrap, p.seed) for k, v in raw.items()}
 
 
 def write_randomization(out: Path, curves: dict, n: int, skipped: list[str]) -> None:
@@ -269,7 +305,7 @@ def explain_all(out: Path, model, shown, scored, p, device, meta, weights_dir) -
     di = {"deletion_insertion": {"forward": deletion_insertion_passes(sp.quality_steps), "backward": 0}}
     for kind in ("random", "center"):
         metrics[kind] = {
-            **quality(model, scored, baseline_maps(kind, len(scored.x), crop, crop, p.seed), p),
+            **baseline_quality(model, scored, kind, crop, p),
             "passes": {"forward": 0, "backward": 0},
             "metric_passes": di,
         }
@@ -290,7 +326,7 @@ def explain_all(out: Path, model, shown, scored, p, device, meta, weights_dir) -
             out / "figures" / "before_after.png",
         )
     if curves:
-        write_randomization(out, curves, min(len(scored.x), RANDOMIZATION_IMAGES), skipped)
+        write_randomization(out, curves, min(scored.n, RANDOMIZATION_IMAGES), skipped)
     write_quality_table(out, metrics)
     return metrics, curves, skipped
 
@@ -311,14 +347,14 @@ def main(argv=None):
     val = load_split(args.data, "val")
     shown = Batch(model, select_images(val, list(dict.fromkeys(sp.images)), sp.num_images), meta, device, sp)
     # scored for quality: a fixed choice, like `shown`
-    scored = Batch(model, select_images(val, [], sp.quality_images or len(val)), meta, device, sp)
+    scored = Scored(model, val, spread_index(len(val), sp.quality_images or len(val)), meta, device, sp)
     with atomic_outputs(args.out, args.metrics) as (out, metrics_file):  # together, the metrics last
         out.mkdir()
         metrics, curves, skipped = explain_all(out, model, shown, scored, p, device, meta, args.weights)
-        dev, nr = device_name(device), min(len(scored.x), RANDOMIZATION_IMAGES)
+        dev, nr = device_name(device), min(scored.n, RANDOMIZATION_IMAGES)
         extra = {
             "n_images": len(shown.x),
-            "n_quality_images": len(scored.x),
+            "n_quality_images": scored.n,
             "masks": scored.masks is not None,
             "randomization_images": nr if curves else 0,
             "randomization_skipped": skipped,
@@ -336,7 +372,7 @@ def main(argv=None):
     )
     masks = " with masks" if scored.masks is not None else ""
     log(
-        f"saliency: {len(shown.x)} images explained, quality on {len(scored.x)} val images{masks}, {dev}, "
+        f"saliency: {len(shown.x)} images explained, quality on {scored.n} val images{masks}, {dev}, "
         f"{time.perf_counter() - began:.1f} s{note}\n{summary(metrics)}"
     )
 

@@ -24,6 +24,8 @@ import torch
 from conftest import ROOT, make_prepared, run_stage, write_params
 from PIL import Image
 
+from cnnlens.tensors import load_split
+
 RNG = np.random.default_rng(0)
 
 
@@ -108,7 +110,7 @@ def test_same_stem_and_nested_files_all_kept(tmp_path):
     for name in ("img.bmp.jpg", "img.tiff.jpg", "img.webp.jpg", "img.png.jpg", "img.jpg", "sub/img.jpg"):
         assert f"train/ants/{name}" in names
     assert {"train/ants/0.jpg", "train/ants/sub/0.jpg"} <= names
-    assert len(torch.load(out / "train.pt", weights_only=True)["paths"]) == 4 + 7
+    assert len(load_split(out, "train").paths) == 4 + 7
 
 
 def test_a_remaining_name_collision_is_refused(tmp_path):
@@ -268,13 +270,14 @@ def test_injected_enospc_on_the_metrics_leaves_old_outs(tmp_path, monkeypatch, c
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_torch_wrapped_write_error_names_the_path(tmp_path, monkeypatch, capsys):
+def test_full_disk_while_writing_shards_names_the_folder(tmp_path, monkeypatch, capsys):
+    from cnnlens.shards import ShardWriter
     from stages import prepare as stage
 
-    def failing_save(obj, f, *args, **kwargs):
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3008 vs 2902")
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # a failed write() names no file
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(ShardWriter, "add", full)
     raw = small_imagefolder(tmp_path / "raw")
     params = write_params(tmp_path / "params.yaml", {"prepare": {"resize": 32}})
     code, err = run_main_in_process(
@@ -283,7 +286,7 @@ def test_torch_wrapped_write_error_names_the_path(tmp_path, monkeypatch, capsys)
         capsys,
     )
     assert code == 1 and "Traceback" not in err, err
-    assert "train.pt" in err and "space" in err, err
+    assert str(tmp_path) in err and "space" in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "data.json").exists()
 
 

@@ -11,6 +11,8 @@ import torch
 from conftest import SHARED_DATA, needs_real_data, run_stage, write_params
 from PIL import Image
 
+from cnnlens.tensors import load_split
+
 
 def png_with_huge_declared_size(path):
     """A valid PNG header declaring 100000 x 100000 pixels (a decompression bomb by its size)."""
@@ -78,12 +80,12 @@ def test_skip_policy_reports_every_bad_file_and_converts_modes(tmp_path):
     assert "empty" in reasons["zero.jpg"] and "decompression bomb" in reasons["bomb.png"]
     assert "not an image type" in reasons["notes.txt"] and "cannot decode" in reasons["truncated.jpg"]
     assert report["train_images"] == 8 and report["val_images"] == 8
-    train = torch.load(tmp_path / "out" / "train.pt", weights_only=True)
-    assert train["images"].shape == (8, 3, 32, 32) and train["images"].dtype == torch.uint8
-    assert "masks" not in train
+    train = load_split(tmp_path / "out", "train")
+    assert train.images.shape == (8, 3, 32, 32) and train.images[:].dtype == torch.uint8
+    assert train.masks is None
     # 16-bit scaled down, not clipped to white; alpha composited on white
-    idx = train["paths"].index("train/ants/sixteen.png")
-    assert 60 < train["images"][idx].float().mean() < 200
+    idx = train.paths.index("train/ants/sixteen.png")
+    assert 60 < train.images[idx].float().mean() < 200
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     assert len(manifest) == 16 and set(manifest.columns) >= {
         "path",
@@ -160,5 +162,5 @@ def test_real_hymenoptera(tmp_path):
     report = json.loads((tmp_path / "data.json").read_text())
     assert (report["train_images"], report["val_images"]) == (244, 153)
     assert [s["path"] for s in report["skipped_files"]] == ["train/ants/imageNotFound.gif"]
-    val = torch.load(tmp_path / "out" / "val.pt", weights_only=True)
-    assert val["images"].shape == (153, 3, 64, 64) and int(val["labels"].sum()) == 83  # 83 bees
+    val = load_split(tmp_path / "out", "val")
+    assert val.images.shape == (153, 3, 64, 64) and int(val.labels.sum()) == 83  # 83 bees

@@ -1,0 +1,210 @@
+"""Large datasets (BENCHMARKS.md, ## Large datasets): prepare and train over packed shards.
+
+    python bench/bench_shards.py prepare --raw RAW --out OUT [--set prepare.copy_images=false ...]
+    python bench/bench_shards.py train --data OUT --resident-mb 0|auto|legacy [--steps N] [--crop 64]
+
+`prepare` runs the stage (python -m stages.prepare) as a child and reports its wall time and peak
+RSS (the child's ru_maxrss). `--old` runs the prepare of git revision e074623 (one train.pt, every
+image in memory) instead, for comparison. `train` runs each setting in a fresh child process (so
+peak RSS is that setting's alone): a random-init ResNet18, SGD, one epoch's random order, for
+--steps batches (0: the whole epoch), timing only the steps (after 3 warm-up steps) and reporting
+images/s, the seconds spent waiting for the next batch (streamed) and the child's peak RSS.
+`--resident-mb legacy` loads the data as one in-memory split, as before the shards (needs train.pt,
+written by `prepare --old`). Random init: speed does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OLD = "e074623"  # the last revision before the shards
+
+
+def params_file(sets: list[str]) -> Path:
+    import yaml
+
+    from cnnlens.config import merge
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for item in sets:
+        key, value = item.split("=", 1)
+        tree: dict = {}
+        node = tree
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = yaml.safe_load(value)
+        params = merge(params, tree)
+    path = Path(tempfile.mkdtemp()) / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_prepare(args) -> dict:
+    params = params_file(args.set)
+    cmd = [sys.executable, "-m", "stages.prepare"]
+    if args.old:
+        old = Path(tempfile.mkdtemp()) / "prepare_old.py"
+        old.write_text(
+            subprocess.run(
+                ["git", "show", f"{OLD}:stages/prepare.py"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        cmd = [sys.executable, str(old)]
+    cmd += [
+        "--raw",
+        str(args.raw),
+        "--out",
+        str(args.out),
+        "--report",
+        str(args.out) + ".json",
+        "--params",
+        str(params),
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(proc.stderr)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+    report = json.loads(Path(str(args.out) + ".json").read_text())
+    return {
+        "what": "prepare" + (f" ({OLD})" if args.old else ""),
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(peak),
+        "images": report["train_images"] + report["val_images"],
+        "sets": args.set,
+    }
+
+
+def one_training(args) -> dict:
+    """Runs in the child: one setting, --steps steps of one epoch's order."""
+    import torch
+
+    from cnnlens.config import TrainParams
+    from cnnlens.model import build_model
+    from cnnlens.tensors import Split, load_split
+    from cnnlens.training import Loop, configure
+
+    if args.resident_mb == "legacy":  # the whole split in memory, as before the shards
+
+        def load(split):
+            blob = torch.load(args.data / f"{split}.pt", weights_only=True)
+            return Split(blob["images"], blob["labels"], blob["paths"], None)
+
+        resident_mb = "auto"
+    else:
+        load = lambda split: load_split(args.data, split)  # noqa: E731
+        resident_mb = args.resident_mb if args.resident_mb == "auto" else int(args.resident_mb)
+    tp = TrainParams(
+        crop=args.crop,
+        batch_size=args.batch_size,
+        lr=0.01,
+        device="cpu",
+        threads=args.threads,
+        resident_mb=resident_mb,
+        min_scale=0.35,
+    )
+    device = torch.device("cpu")
+    configure(tp, device, 0)
+    began = time.perf_counter()
+    loop = Loop(build_model("resnet18", 2), load("train"), load("val"), tp, device, 0)
+    setup = time.perf_counter() - began
+    loop.model.train()
+    order = torch.randperm(len(loop.train_y), generator=loop.generator)
+    if loop.feeder is not None:
+        loop.feeder.plan(order, tp.batch_size)
+    batches = list(order.split(tp.batch_size))
+    steps = len(batches) if args.steps == 0 else min(args.steps + 3, len(batches))
+    n, wait0 = 0, 0.0
+    for i in range(steps):
+        if i == 3:  # warm-up done: time from here
+            start, wait0 = time.perf_counter(), loop.feeder.wait if loop.feeder else 0.0
+        idx = batches[i]
+        loop.step(loop.inputs(idx), loop.train_y[idx])
+        n += len(idx) if i >= 3 else 0
+    seconds = time.perf_counter() - start
+    wait = (loop.feeder.wait - wait0) if loop.feeder else 0.0
+    return {
+        "resident_mb": args.resident_mb,
+        "streamed": loop.feeder is not None,
+        "train_images": len(loop.train_y),
+        "timed_steps": steps - 3,
+        "timed_images": n,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(n / seconds, 1),
+        "input_wait_s": round(wait, 3),
+        "setup_s": round(setup, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10),
+        "crop": args.crop,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--set", action="append", default=[], help="params override, e.g. prepare.resize=128")
+    p.add_argument("--old", action="store_true", help=f"the prepare of {OLD} (one train.pt)")
+    t = sub.add_parser("train")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument(
+        "--resident-mb", action="append", default=[], help="0 (stream) | auto | legacy; repeatable"
+    )
+    t.add_argument("--steps", type=int, default=0, help="timed batches (0: the whole epoch)")
+    t.add_argument("--crop", type=int, default=64)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.cmd == "prepare":
+        print(json.dumps(run_prepare(args)))
+        return
+    if args.one:
+        args.resident_mb = args.resident_mb[0]
+        print(json.dumps(one_training(args)))
+        return
+    for setting in args.resident_mb or ["auto"]:
+        cmd = [
+            sys.executable,
+            __file__,
+            "train",
+            "--one",
+            "--data",
+            str(args.data),
+            "--resident-mb",
+            setting,
+            "--steps",
+            str(args.steps),
+            "--crop",
+            str(args.crop),
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        print(proc.stdout.strip() if proc.returncode == 0 else proc.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()

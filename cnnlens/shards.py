@@ -1,0 +1,298 @@
+"""Packed uint8 shards: how a prepared split too large for memory is written, memory-mapped and streamed.
+
+A split is a list of shard files of at most prepare.shard_mb each, raw uint8 N x 3 x S x S
+(`train-00000.u8`, ...; masks beside them as N x S x S `.mask.u8`), and one index, `index.json`, with
+each shard's image count and every image's label and path. Raw files, not torch.save archives:
+a reader maps them with mmap and can drop the pages it has read (MADV_DONTNEED), so a pass over
+a split larger than RAM keeps a bounded resident set; and the index is JSON, so nothing pickled loads.
+
+ShardedTensor looks like the images tensor to the code that reads it (len, shape, slicing,
+indexing with an index tensor), reading only the rows asked for. Feeder streams training batches:
+the next batch is gathered (and on CUDA copied from pinned memory on a side stream) while the
+current one trains.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlens.cli import StageError
+
+INDEX = "index.json"
+FORMAT = "cnnlens-shards"
+VERSION = 1
+# a pass over the shards drops the pages it has read once this much has been read: the resident set
+# of a pass stays about this size, whatever the size of the split (the pages stay in the page cache)
+RELEASE_BYTES = 256 * 2**20
+
+
+class ShardWriter:
+    """Appends images (and masks) of one split to shard files of at most `max_bytes` of images each."""
+
+    def __init__(self, folder: Path, split: str, side: int, max_bytes: int):
+        self.folder, self.split, self.side = Path(folder), split, side
+        self.per_shard = max(1, max_bytes // (3 * side * side))
+        self.shards, self.labels, self.paths = [], [], []
+        self.all_masks = True
+        self.files = None
+
+    def add(self, image: np.ndarray, mask: np.ndarray | None, label: int, path: str) -> None:
+        if image.shape != (3, self.side, self.side) or image.dtype != np.uint8:
+            raise ValueError(f"expected uint8 3x{self.side}x{self.side}, got {image.dtype} {image.shape}")
+        if self.files is None or self.shards[-1]["images"] == self.per_shard:
+            self._next_shard()
+        self.files[0].write(image.tobytes())
+        self.all_masks &= mask is not None
+        m = np.zeros((self.side, self.side), np.uint8) if mask is None else mask.astype(np.uint8)
+        self.files[1].write(np.ascontiguousarray(m).tobytes())
+        self.shards[-1]["images"] += 1
+        self.labels.append(int(label))
+        self.paths.append(path)
+
+    def _next_shard(self) -> None:
+        self._close_files()
+        name = f"{self.split}-{len(self.shards):05d}"
+        self.shards.append({"file": f"{name}.u8", "masks": f"{name}.mask.u8", "images": 0})
+        self.files = (open(self.folder / f"{name}.u8", "wb"), open(self.folder / f"{name}.mask.u8", "wb"))
+
+    def _close_files(self) -> None:
+        if self.files is not None:
+            for fh in self.files:
+                fh.close()
+
+    def close(self) -> dict:
+        """Close the last shard; returns this split's index entry. Masks are kept only if every image had one."""
+        self._close_files()
+        self.files = None
+        for shard in self.shards:
+            if not self.all_masks:
+                (self.folder / shard["masks"]).unlink()
+            shard["masks"] = shard["masks"] if self.all_masks else None
+        return {"images": len(self.labels), "shards": self.shards, "labels": self.labels, "paths": self.paths}
+
+
+def write_index(folder: Path, side: int, splits: dict) -> None:
+    """index.json: the format, the image side and each split's entry (ShardWriter.close)."""
+    index = {"format": FORMAT, "version": VERSION, "side": side, "splits": splits}
+    (Path(folder) / INDEX).write_text(json.dumps(index, separators=(",", ":")) + "\n")
+
+
+def read_index(folder: Path) -> dict:
+    path = Path(folder) / INDEX
+    if not path.exists():
+        raise StageError(f"{path}: shard index not found; rerun `dvc repro prepare`")
+    try:
+        index = json.loads(path.read_text())
+        ok = index.get("format") == FORMAT and isinstance(index["splits"], dict) and int(index["side"]) > 0
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StageError(
+            f"{path}: not a shard index ({type(exc).__name__}: {exc}); rerun `dvc repro prepare`"
+        ) from None
+    if not ok or index.get("version") != VERSION:
+        raise StageError(
+            f"{path}: not a version-{VERSION} {FORMAT} index; rerun `dvc repro prepare` with this code"
+        )
+    return index
+
+
+def _map(path: Path, rows: int, row_shape: tuple[int, ...]) -> tuple[torch.Tensor, mmap.mmap | None]:
+    """Memory-map one raw uint8 file as a rows x row_shape tensor; its size must match exactly."""
+    want = rows * int(np.prod(row_shape))
+    if not path.exists():
+        raise StageError(f"{path}: shard file missing; rerun `dvc repro prepare`")
+    size = path.stat().st_size
+    if size != want:
+        raise StageError(
+            f"{path}: {size} bytes, the index says {rows} images of {'x'.join(map(str, row_shape))} "
+            f"({want} bytes); the shard is truncated or stale: rerun `dvc repro prepare`"
+        )
+    if want == 0:
+        return torch.empty((0, *row_shape), dtype=torch.uint8), None
+    with open(path, "rb") as fh:
+        # a private (copy-on-write) map: writable as torch wants, never written, its pages droppable
+        mm = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY)
+    return torch.from_numpy(np.frombuffer(mm, dtype=np.uint8)).view(rows, *row_shape), mm
+
+
+def open_split(folder: Path, split: str):
+    """(images, labels, paths, masks or None) of one split; images and masks are ShardedTensors."""
+    folder = Path(folder)
+    index = read_index(folder)
+    side = int(index["side"])
+    entry = index["splits"].get(split)
+    try:
+        shards, labels, paths = entry["shards"], entry["labels"], entry["paths"]
+        counts = [int(s["images"]) for s in shards]
+        has_masks = bool(shards) and all(s["masks"] for s in shards)
+        files = [(s["file"], s["masks"]) for s in shards]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StageError(
+            f"{folder / INDEX}: no valid entry for split {split!r} ({type(exc).__name__}: {exc}); "
+            "rerun `dvc repro prepare`"
+        ) from None
+    if not (len(labels) == len(paths) == sum(counts) == int(entry.get("images", -1))):
+        raise StageError(
+            f"{folder / INDEX}: split {split!r} lists {sum(counts)} images in shards, {len(labels)} labels "
+            f"and {len(paths)} paths; rerun `dvc repro prepare`"
+        )
+    images = [_map(folder / f, n, (3, side, side)) for (f, _), n in zip(files, counts)]
+    masks = [_map(folder / m, n, (side, side)) for (_, m), n in zip(files, counts)] if has_masks else None
+    return (
+        ShardedTensor(images, (3, side, side)),
+        torch.tensor(labels, dtype=torch.int64),
+        list(paths),
+        None if masks is None else ShardedTensor(masks, (side, side)),
+    )
+
+
+class ShardedTensor:
+    """Memory-mapped shards read as one uint8 tensor: len, shape, slices and index tensors give
+    ordinary (copied) tensors; `.to(device)` reads the whole thing (the resident path)."""
+
+    dtype = torch.uint8
+
+    def __init__(self, parts: list[tuple[torch.Tensor, mmap.mmap | None]], row_shape: tuple[int, ...]):
+        self.parts = [t for t, _ in parts]
+        self.part_maps = [m for _, m in parts]
+        self.maps = [m for m in self.part_maps if m is not None]
+        self.starts = torch.tensor([0] + [len(t) for t in self.parts]).cumsum(0)
+        self.shape = torch.Size((int(self.starts[-1]), *row_shape))
+        self.read = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            key = torch.arange(start, max(start, stop), step)
+        elif isinstance(key, int):
+            return self[torch.tensor([key])][0]
+        key = key.cpu() if isinstance(key, torch.Tensor) else torch.as_tensor(np.asarray(key))
+        return self.gather(key.long())
+
+    def gather(self, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `idx` (a CPU index tensor) in that order, read from the shards they live in."""
+        idx = idx.reshape(-1)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} images")
+        if out is None:
+            out = torch.empty((len(idx), *self.shape[1:]), dtype=torch.uint8)
+        shard = torch.searchsorted(self.starts, idx, right=True) - 1
+        for s in shard.unique().tolist():
+            where = (shard == s).nonzero().squeeze(1)
+            out[where] = self.parts[s][idx[where] - self.starts[s]]
+        self._count(out.numel())
+        return out
+
+    def _count(self, nbytes: int) -> None:
+        self.read += nbytes
+        if self.read >= RELEASE_BYTES:
+            self.release()
+
+    def release(self) -> None:
+        """Drop the pages read so far from this process (they stay cached by the OS)."""
+        self.read = 0
+        for mm in self.maps:
+            mm.madvise(mmap.MADV_DONTNEED)
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        """The whole tensor in memory, then on the device: read shard by shard, each shard's pages
+        dropped once copied, so the peak is the tensor plus one shard."""
+        whole = torch.empty(self.shape, dtype=torch.uint8)
+        for start, part, mm in zip(self.starts.tolist(), self.parts, self.part_maps):
+            whole[start : start + len(part)] = part
+            if mm is not None:
+                mm.madvise(mmap.MADV_DONTNEED)
+        return whole.to(*args, **kwargs)
+
+
+def resident_budget(setting, device: torch.device) -> int:
+    """train.resident_mb in bytes; auto: half the free memory of a CUDA device, a quarter of the
+    available RAM otherwise (the packed images on the CPU are RAM)."""
+    if setting != "auto":
+        return int(setting) * 2**20
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
+class Feeder:
+    """Training batches from a ShardedTensor, one batch ahead: plan(order, batch_size) says which
+    batches an epoch will ask for; get(idx) returns the one gathered meanwhile on a worker thread
+    (on CUDA: into pinned memory, then copied on a side stream). A batch that was not planned is
+    read when asked. `wait` sums the seconds get() spent waiting for data."""
+
+    def __init__(self, images: ShardedTensor, device: torch.device):
+        self.images, self.device = images, device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="feeder")
+        self.plan_, self.pending = [], None
+        self.wait, self.hits, self.misses = 0.0, 0, 0
+
+    def plan(self, order: torch.Tensor, batch_size: int) -> None:
+        """The batches order[i : i + batch_size] in turn; reading the first starts now."""
+        self.plan_ = list(zip(order.split(batch_size), order.cpu().split(batch_size)))
+        self.pending = None
+        self._advance()
+
+    def _advance(self) -> None:
+        if self.plan_:
+            planned, cpu_idx = self.plan_.pop(0)
+            self.pending = (planned, self.pool.submit(self._load, cpu_idx))
+        else:
+            self.pending = None
+
+    def _load(self, idx: torch.Tensor):
+        if not self.cuda:
+            return self.images.gather(idx), None
+        host = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
+        self.images.gather(idx, out=host)
+        with torch.cuda.stream(self.stream):
+            x = host.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return x, done
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        if self.pending is not None and _same_view(self.pending[0], idx):
+            x, done = self.pending[1].result()
+            self.hits += 1
+            self._advance()
+        else:  # not the planned batch: the plan is off, read this one now
+            self.plan_, self.pending = [], None
+            x, done = self._load(idx.cpu())
+            self.misses += 1
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            x.record_stream(stream)
+        self.wait += time.perf_counter() - start
+        return x
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether b is the very slice a (same storage, offset, shape): no device sync to compare values."""
+    return (
+        a.device == b.device
+        and a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )

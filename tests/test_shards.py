@@ -1,0 +1,219 @@
+"""Large datasets: packed shards + index, memory-mapped reads, streamed training equal to resident."""
+
+import json
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_TRAIN, make_weights_dir, run_stage, write_params
+from PIL import Image
+
+from cnnlens.cli import StageError
+from cnnlens.config import TrainParams
+from cnnlens.model import build_model
+from cnnlens.shards import ShardWriter, write_index
+from cnnlens.tensors import Split, load_split
+from cnnlens.training import configure, train
+from stages.prepare import bounded_map
+
+
+def write_shards(folder, splits: dict, side: int, per_shard: int, masks=True) -> None:
+    """splits: {name: Split in memory} -> shards of `per_shard` images each, plus the index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for name, s in splits.items():
+        w = ShardWriter(folder, name, side, per_shard * 3 * side * side)
+        for i in range(len(s)):
+            mask = s.masks[i].numpy() if masks and s.masks is not None else None
+            w.add(s.images[i].numpy(), mask, int(s.labels[i]), s.paths[i])
+        entries[name] = w.close()
+    write_index(folder, side, entries)
+
+
+def random_split(n, side, seed, split="train", separable=True) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    noise = torch.randint(0, 60, (n, 3, side, side), generator=g)
+    base = (labels * 150).view(n, 1, 1, 1) if separable else 0
+    images = (noise + base).clamp(0, 255).to(torch.uint8)
+    masks = torch.randint(0, 2, (n, side, side), generator=g, dtype=torch.uint8)
+    return Split(images, labels, [f"{split}/{'ab'[int(c)]}/{i:03d}.png" for i, c in enumerate(labels)], masks)
+
+
+def test_shards_read_back_exactly_across_boundaries(tmp_path):
+    """23 images in shards of 5: every way of reading them (index tensor, slice, single row, the whole
+    resident copy) gives the written bytes, and every shard file is within the size limit."""
+    orig = random_split(23, 8, seed=0)
+    write_shards(tmp_path / "prepared" / "shards", {"train": orig, "val": random_split(4, 8, 1, "val")}, 8, 5)
+    files = sorted((tmp_path / "prepared" / "shards").glob("train-*.u8"))
+    assert len([f for f in files if ".mask" not in f.name]) == 5
+    assert all(f.stat().st_size <= 5 * 3 * 8 * 8 for f in files)
+    s = load_split(tmp_path / "prepared", "train")
+    assert len(s) == 23 and s.images.shape == (23, 3, 8, 8) and s.paths == orig.paths
+    assert torch.equal(s.labels, orig.labels)
+    perm = torch.randperm(23, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(s.images[perm], orig.images[perm])
+    assert torch.equal(s.images[3:17], orig.images[3:17]) and torch.equal(s.images[22], orig.images[22])
+    assert torch.equal(s.images.to("cpu"), orig.images) and torch.equal(s.masks[perm], orig.masks[perm])
+    sub = s.subset([20, 0, 7])
+    assert torch.equal(sub.images, orig.images[[20, 0, 7]]) and sub.paths == [
+        orig.paths[i] for i in (20, 0, 7)
+    ]
+    with pytest.raises(IndexError):
+        s.images[torch.tensor([23])]
+
+
+def test_masks_are_kept_only_when_every_image_has_one(tmp_path):
+    side = 4
+    w = ShardWriter(tmp_path, "val", side, 2 * 3 * side * side)
+    for i in range(3):
+        mask = np.ones((side, side), np.uint8) if i != 1 else None
+        w.add(np.full((3, side, side), i, np.uint8), mask, i % 2, f"val/a/{i}.png")
+    entry = w.close()
+    write_index(tmp_path, side, {"val": entry})
+    assert not list(tmp_path.glob("*.mask.u8"))
+    assert all(sh["masks"] is None for sh in entry["shards"])
+
+
+def corrupt(shards, how):
+    index = json.loads((shards / "index.json").read_text())
+    if how == "missing index":
+        (shards / "index.json").unlink()
+    elif how == "not json":
+        (shards / "index.json").write_text("{not json")
+    elif how == "other version":
+        (shards / "index.json").write_text(json.dumps({**index, "version": 99}))
+    elif how == "truncated shard":
+        path = shards / "train-00001.u8"
+        path.write_bytes(path.read_bytes()[:-10])
+    elif how == "missing shard":
+        (shards / "train-00002.u8").unlink()
+    elif how == "labels missing":
+        index["splits"]["train"]["labels"] = index["splits"]["train"]["labels"][:-1]
+        (shards / "index.json").write_text(json.dumps(index))
+    elif how == "no such split":
+        del index["splits"]["train"]
+        (shards / "index.json").write_text(json.dumps(index))
+
+
+BAD = ["missing index", "not json", "other version", "truncated shard", "missing shard", "labels missing"]
+BAD += ["no such split"]
+
+
+@pytest.mark.parametrize("how", BAD)
+def test_a_bad_index_or_shard_is_one_clear_error(tmp_path, how):
+    write_shards(tmp_path / "shards", {"train": random_split(12, 4, 0), "val": random_split(4, 4, 1)}, 4, 5)
+    corrupt(tmp_path / "shards", how)
+    with pytest.raises(StageError) as err:
+        load_split(tmp_path, "train")
+    msg = str(err.value)
+    assert "\n" not in msg and "shards" in msg and "rerun `dvc repro prepare`" in msg, msg
+
+
+def test_a_truncated_shard_stops_finetune_with_one_line(tmp_path):
+    prepared = tmp_path / "prepared"
+    write_shards(
+        prepared / "shards", {"train": random_split(12, 20, 0), "val": random_split(4, 20, 1)}, 20, 5
+    )
+    (prepared / "classes.json").write_text('["a", "b"]')
+    corrupt(prepared / "shards", "truncated shard")
+    params = write_params(tmp_path / "params.yaml", {"model": {"weights": "none"}, "train": TINY_TRAIN})
+    proc = run_stage(
+        "finetune",
+        *("--data", prepared, "--weights", make_weights_dir(tmp_path / "w"), "--model", tmp_path / "m"),
+        *("--metrics", tmp_path / "train.json", "--live", tmp_path / "live", "--params", params),
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "train-00001.u8" in last and "truncated" in last and "dvc repro prepare" in last, proc.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "train.json").exists()
+
+
+def run_training(prepared, resident_mb, seed=0):
+    tp = TrainParams(**{**TINY_TRAIN, "crop": 16, "epochs": 2, "batch_size": 5, "resident_mb": resident_mb})
+    configure(tp, torch.device("cpu"), seed)
+    model = build_model("resnet18", 2)
+    history = train(
+        model, load_split(prepared, "train"), load_split(prepared, "val"), tp, torch.device("cpu"), seed
+    )
+    return model.state_dict(), history
+
+
+@pytest.mark.trajectory
+def test_streamed_training_equals_resident_training_bit_for_bit(tmp_path, one_thread):
+    """Same seed, same data: streaming batches from 5 shards (resident_mb: 0), holding the set in memory
+    (resident_mb: auto) and the old single-file split give the same weights and metrics, exactly."""
+    train_split, val_split = random_split(23, 20, 0), random_split(7, 20, 1, "val")
+    write_shards(tmp_path / "sharded" / "shards", {"train": train_split, "val": val_split}, 20, 5)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name, s in (("train", train_split), ("val", val_split)):
+        torch.save({"images": s.images, "labels": s.labels, "paths": s.paths}, legacy / f"{name}.pt")
+    streamed, h_streamed = run_training(tmp_path / "sharded", 0)
+    resident, h_resident = run_training(tmp_path / "sharded", "auto")
+    old, h_old = run_training(legacy, "auto")
+    assert h_streamed.streamed and not h_resident.streamed and not h_old.streamed
+    strip = [
+        [{k: v for k, v in e.items() if k != "seconds"} for e in h.epochs]
+        for h in (h_streamed, h_resident, h_old)
+    ]
+    assert strip[0] == strip[1] == strip[2]
+    for name, value in resident.items():
+        assert torch.equal(streamed[name], value), name
+        assert torch.equal(old[name], value), name
+
+
+def test_bounded_map_keeps_at_most_depth_items_in_flight():
+    started, lock = [0], threading.Lock()
+
+    def work(i):
+        with lock:
+            started[0] += 1
+        return i * i
+
+    taken = 0
+    for i, result in enumerate(bounded_map(work, list(range(200)), workers=4, depth=8)):
+        assert result == i * i
+        taken += 1
+        assert started[0] <= taken + 8  # submitted = taken + at most `depth` queued
+    assert taken == 200
+
+
+def noise_folder(raw, n=3, size=(50, 40)):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("ants", "bees"):
+            (raw / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(arr).save(raw / split / cls / f"{i}.png")
+    return raw
+
+
+def prepare(tmp_path, raw, name, **overrides):
+    params = write_params(tmp_path / f"{name}.yaml", {"prepare": {"resize": 600, **overrides}})
+    out = tmp_path / name
+    proc = run_stage(
+        "prepare", "--raw", raw, "--out", out, "--report", tmp_path / f"{name}.json", "--params", params
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_prepare_shard_size_and_copy_images(tmp_path):
+    """shard_mb: 3 at 600 px (1,080,000 bytes an image) holds 2 images a shard; with copy_images: false
+    no JPEG is written; the tensors equal those of the default settings (one shard, with the copy)."""
+    raw = noise_folder(tmp_path / "raw")
+    small = prepare(tmp_path, raw, "small", shard_mb=3, copy_images=False)
+    default = prepare(tmp_path, raw, "default")
+    assert not list(small.rglob("*.jpg")) and len(list(default.rglob("*.jpg"))) == 12
+    assert (pd.read_csv(small / "manifest.csv")["prepared"].isna()).all()
+    shards = sorted((small / "shards").glob("train-*[0-9].u8"))
+    assert len(shards) == 3 and all(f.stat().st_size <= 3 * 2**20 for f in shards)  # 6 images, 2 a shard
+    assert len(list((default / "shards").glob("train-*[0-9].u8"))) == 1
+    for split in ("train", "val"):
+        a, b = load_split(small, split), load_split(default, split)
+        assert torch.equal(a.images.to("cpu"), b.images.to("cpu")) and a.paths == b.paths
+        assert torch.equal(a.labels, b.labels)
