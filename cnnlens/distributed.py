@@ -15,6 +15,7 @@ nor creates a process group.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 
 from cnnlens.cli import ParamsError, StageError, disk_error_line
+from cnnlens.config import device_name, to_dict
 
 
 class WorkerFailed(StageError):
@@ -285,3 +287,17 @@ def cpu_sync_batchnorm_class():
             return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
     return CpuSyncBatchNorm
+
+
+def same_params(world, p, device) -> list[str]:
+    """Every rank's device name; a ParamsError if the nodes were given different params (only
+    train.node_rank may differ): ranks on different params would train different things."""
+    train = {k: v for k, v in to_dict(p.train).items() if k != "node_rank"}
+    digest = hashlib.sha256(json.dumps([p.seed, p.model.arch, train], sort_keys=True).encode()).hexdigest()
+    seen = world.gather_objects((device_name(device), digest))
+    if len({d for _, d in seen}) > 1:
+        raise ParamsError(
+            "the nodes were started with different params (seed, model.arch or train); "
+            "give every node the same params.yaml, with only train.node_rank changed"
+        )
+    return [name for name, _ in seen]

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cnnlens.cli import ParamsError, log
-from cnnlens.config import TrainParams
+from cnnlens.config import TrainParams, device_name
 from cnnlens.losses import LOSSES
 from cnnlens.model import autocast, get_module, head_name, predict_logits, set_module
 from cnnlens.shards import Feeder, ShardedTensor, resident_budget
@@ -377,3 +377,24 @@ def train(
             f"({f.hits} batches read ahead, {f.misses} on demand)"
         )
     return history
+
+
+def summary(h: History, device, devices: list[str] | None = None) -> dict:
+    """metrics/train.json; with several processes also the world size and every rank's device."""
+    last = h.epochs[-1]
+    cuda = {}
+    if device.type == "cuda":  # CPU metrics keep their keys (and bytes) as before
+        cuda = {
+            "cuda_graphs": h.cuda_graphs,
+            "cuda_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        }
+    return {
+        "best_val_acc": h.best_val_acc,
+        "best_epoch": h.best_epoch,
+        "last_epoch": {k: last[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
+        "total_seconds": round(h.train_seconds, 3),
+        "images_per_second": round(h.images_seen / max(h.train_seconds, 1e-9), 2),
+        "device": device_name(device),
+        **cuda,
+        **({"world_size": len(devices), "devices": devices} if devices else {}),
+    }

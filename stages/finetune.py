@@ -7,7 +7,6 @@ python -m stages.finetune --data data/prepared --weights data/weights --model mo
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import torch
 
@@ -15,9 +14,10 @@ from cnnlens import distributed
 from cnnlens.cli import ParamsError, StageError, lock_outputs, log, run_main, stage_args
 from cnnlens.config import device_name, select_device, to_dict
 from cnnlens.files import atomic_outputs, write_json
+from cnnlens.live import live_logger
 from cnnlens.model import initial_model, save_checkpoint
 from cnnlens.tensors import MEAN, STD, load_classes, load_split
-from cnnlens.training import History, configure, train
+from cnnlens.training import configure, summary, train
 
 
 def check(tp, device):
@@ -109,7 +109,7 @@ def run(args, p, device, outs, world=None) -> None:
             f"finetune: {p.model.arch} ({weights_info.get('source')} weights), {tp.mode}, loss={tp.loss}, "
             f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}"
         )
-    devices = None if world is None else same_params(world, p, device)
+    devices = None if world is None else distributed.same_params(world, p, device)
     if not writes:
         train(model, train_split, val_split, tp, device, p.seed, None, world)
         return
@@ -149,78 +149,6 @@ def checkpoint_meta(p, classes, train_split, weights_info, history) -> dict:
         "best_epoch": history.best_epoch,
         "params_digest": params_digest(p),
     }
-
-
-class PlainLive:
-    """The files DVCLive writes for log_metric(plot=True) + next_step(), without dvclive: one
-    plots/metrics/<key>.tsv per metric (`step<TAB>key` rows) and metrics.json with the last values.
-    Used where dvclive is not installed (the GPU box); the plots in dvc.yaml read the same files."""
-
-    def __init__(self, root):
-        self.root, self.step, self.rows, self.last = Path(root), 0, {}, {}
-
-    def log_metric(self, key, value, plot=True):
-        self.rows.setdefault(key, []).append(f"{self.step}\t{value}")
-        self.last[key] = value
-
-    def next_step(self):
-        folder = self.root / "plots" / "metrics"
-        folder.mkdir(parents=True, exist_ok=True)
-        for key, rows in self.rows.items():
-            (folder / f"{key}.tsv").write_text("\n".join([f"step\t{key}", *rows]) + "\n")
-        (self.root / "metrics.json").write_text(json.dumps({**self.last, "step": self.step}, indent=4))
-        self.step += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def live_logger(live_dir):
-    """DVCLive when installed (imported here: it is slow to import), else PlainLive."""
-    try:
-        from dvclive import Live
-    except ImportError:
-        log("finetune: dvclive not installed; writing its per-epoch TSV/JSON files directly")
-        return PlainLive(live_dir)
-    return Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
-
-
-def summary(h: History, device, devices: list[str] | None = None) -> dict:
-    """metrics/train.json; with several processes also the world size and every rank's device."""
-    last = h.epochs[-1]
-    cuda = {}
-    if device.type == "cuda":  # CPU metrics keep their keys (and bytes) as before
-        cuda = {
-            "cuda_graphs": h.cuda_graphs,
-            "cuda_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-        }
-    return {
-        "best_val_acc": h.best_val_acc,
-        "best_epoch": h.best_epoch,
-        "last_epoch": {k: last[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
-        "total_seconds": round(h.train_seconds, 3),
-        "images_per_second": round(h.images_seen / max(h.train_seconds, 1e-9), 2),
-        "device": device_name(device),
-        **cuda,
-        **({"world_size": len(devices), "devices": devices} if devices else {}),
-    }
-
-
-def same_params(world, p, device) -> list[str]:
-    """Every rank's device name; a ParamsError if the nodes were given different params (only
-    train.node_rank may differ): ranks on different params would train different things."""
-    train = {k: v for k, v in to_dict(p.train).items() if k != "node_rank"}
-    digest = hashlib.sha256(json.dumps([p.seed, p.model.arch, train], sort_keys=True).encode()).hexdigest()
-    seen = world.gather_objects((device_name(device), digest))
-    if len({d for _, d in seen}) > 1:
-        raise ParamsError(
-            "the nodes were started with different params (seed, model.arch or train); "
-            "give every node the same params.yaml, with only train.node_rank changed"
-        )
-    return [name for name, _ in seen]
 
 
 def params_digest(p) -> str:

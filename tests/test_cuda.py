@@ -83,7 +83,7 @@ def test_sgd_update_matches_torch_sgd(momentum, weight_decay):
 def test_plain_live_writes_what_dvclive_writes(tmp_path):
     """Without dvclive (the GPU box) finetune writes the same files with the same contents."""
     live_mod = pytest.importorskip("dvclive")
-    from stages.finetune import PlainLive
+    from cnnlens.live import PlainLive
 
     rows = [
         {"train_loss": 0.5, "lr": 0.001, "seconds": 1.25},
