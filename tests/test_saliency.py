@@ -208,3 +208,24 @@ def test_empty_method_list_is_refused_clearly(project, tmp_path, capsys):
     assert code == 2
     assert "saliency.methods is empty" in err and "gradient" in err
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
+
+
+def test_quality_over_all_of_val_in_chunks_equals_one_chunk(project, tmp_path, monkeypatch):
+    """quality_images: 0 scores every val image; a val split larger than QUALITY_CHUNK is scored chunk by
+    chunk (bounded memory). For the deterministic methods and the centre baseline the per-image scores,
+    and so the means and bootstrap intervals, must equal the one-chunk run's exactly."""
+    small = {**SMALL, "quality_images": 0, "methods": ["gradient", "gradcam"], "randomization": False}
+    small["before_after"] = False
+    runs = {}
+    for chunk in (256, 3):  # 8 val images: one chunk, then chunks of 3, 3 and 2
+        monkeypatch.setattr(stage, "QUALITY_CHUNK", chunk)
+        out = tmp_path / str(chunk)
+        out.mkdir()
+        params = write_params(out / "params.yaml", {"saliency": small})
+        run_main(stage.main, [str(a) for a in args(project, out, params)])
+        runs[chunk] = json.loads((out / "metrics" / "saliency.json").read_text())
+    for name in ("gradient", "gradcam", "center"):
+        one, chunked = runs[256][name], runs[3][name]
+        scores = [k for k, v in one.items() if isinstance(v, dict) and "mean" in v]
+        assert scores and all(chunked[k] == one[k] for k in scores), name
+    assert runs[3]["n_quality_images"] == runs[256]["n_quality_images"] == 8  # every val image, none dropped
