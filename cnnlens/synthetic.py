@@ -49,8 +49,9 @@ def counts_from_params(p) -> dict[str, dict[str, int]]:
     }
 
 
-def generate(counts: dict[str, dict[str, int]], size: int, seed: int) -> Iterator[Sample]:
-    """Yield the samples split by split, class by class (in CLASSES order), index 0, 1, ..."""
+def sample_keys(counts: dict[str, dict[str, int]]) -> list[tuple[str, str, int]]:
+    """(split, class, index) of every sample, split by split, class by class (in CLASSES order)."""
+    keys = []
     for split, per_class in counts.items():
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -61,10 +62,16 @@ def generate(counts: dict[str, dict[str, int]], size: int, seed: int) -> Iterato
             n = per_class.get(class_name, 0)
             if n < 0:
                 raise ValueError(f"count for {split}/{class_name} is {n}; expected >= 0")
-            for index in range(n):
-                rng = sample_rng(seed, split, class_name, index)
-                image, mask, box = render(rng, class_name, size)
-                yield Sample(split, class_name, index, image, mask, box)
+            keys += [(split, class_name, index) for index in range(n)]
+    return keys
+
+
+def generate(counts: dict[str, dict[str, int]], size: int, seed: int) -> Iterator[Sample]:
+    """Yield the samples in sample_keys order."""
+    keys = sample_keys(counts)  # validated before the first sample is drawn
+    for split, class_name, index in keys:
+        image, mask, box = render(sample_rng(seed, split, class_name, index), class_name, size)
+        yield Sample(split, class_name, index, image, mask, box)
 
 
 def render_png(job: tuple[str, str, int, int, int]) -> tuple[bytes, bytes, tuple[int, int, int, int]]:

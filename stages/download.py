@@ -269,12 +269,7 @@ def write_synthetic(p, tmp: Path) -> dict:
 
     s = p.data.synthetic
     counts = synthetic.counts_from_params(s)
-    jobs = [
-        (split, class_name, index, s.image_size, p.seed)
-        for split, per_class in counts.items()
-        for class_name in synthetic.CLASSES
-        for index in range(per_class.get(class_name, 0))
-    ]
+    jobs = [(*key, s.image_size, p.seed) for key in synthetic.sample_keys(counts)]
     rows = []
     # rendering is pure Python drawing (GIL-bound): one process per core; spawn, as the parent may hold torch
     ctx = multiprocessing.get_context("spawn")
