@@ -1,7 +1,8 @@
 """Large datasets (BENCHMARKS.md, ## Large datasets): prepare and train over packed shards.
 
     python bench/bench_shards.py prepare --raw RAW --out OUT [--set prepare.copy_images=false ...]
-    python bench/bench_shards.py train --data OUT --resident-mb 0|auto|legacy [--steps N] [--crop 64]
+    python bench/bench_shards.py train --data OUT --resident-mb 0|auto|legacy|MiB [--steps N] [--crop 64]
+    python bench/bench_shards.py epoch --data OUT --out DIR [--set train.crop=64 ...]
 
 `prepare` runs the stage (python -m stages.prepare) as a child and reports its wall time and peak
 RSS (the child's ru_maxrss). `--old` runs the prepare of git revision e074623 (one train.pt, every
@@ -9,6 +10,8 @@ image in memory) instead, for comparison. `train` runs each setting in a fresh c
 peak RSS is that setting's alone): a random-init ResNet18, SGD, one epoch's random order, for
 --steps batches (0: the whole epoch), timing only the steps (after 3 warm-up steps) and reporting
 images/s, the seconds spent waiting for the next batch (streamed) and the child's peak RSS.
+`epoch` runs the finetune stage itself (python -m stages.finetune, random init, one epoch unless --set
+says otherwise) as a child: its wall time, peak RSS and what it wrote to metrics/train.json.
 `--resident-mb legacy` loads the data as one in-memory split, as before the shards (needs train.pt,
 written by `prepare --old`). Random init: speed does not depend on the weights.
 """
@@ -92,6 +95,32 @@ def run_prepare(args) -> dict:
     }
 
 
+def run_epoch(args) -> dict:
+    """The finetune stage as a child on prepared data: wall time, peak RSS, its train.json."""
+    params = params_file(["model.weights=none", "train.epochs=1", *args.set])
+    weights = args.out / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    (weights / "weights.json").write_text(json.dumps({"source": "none", "arch": "resnet18"}))
+    metrics = args.out / "train.json"
+    cmd = [sys.executable, "-m", "stages.finetune", "--data", str(args.data), "--weights", str(weights)]
+    cmd += ["--model", str(args.out / "model"), "--metrics", str(metrics), "--live", str(args.out / "live")]
+    start = time.perf_counter()
+    proc = subprocess.run([*cmd, "--params", str(params)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(proc.stderr)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+    train = json.loads(metrics.read_text())
+    return {
+        "what": "finetune stage",
+        "wall_s": round(seconds, 1),
+        "peak_rss_mb": round(peak),
+        "log": [line for line in proc.stderr.splitlines() if line.startswith("finetune")],
+        "sets": args.set,
+        "train_json": train,
+    }
+
+
 def one_training(args) -> dict:
     """Runs in the child: one setting, --steps steps of one epoch's order."""
     import torch
@@ -127,16 +156,16 @@ def one_training(args) -> dict:
     setup = time.perf_counter() - began
     loop.model.train()
     order = torch.randperm(len(loop.train_y), generator=loop.generator)
-    if loop.feeder is not None:
-        loop.feeder.plan(order, tp.batch_size)
     batches = list(order.split(tp.batch_size))
+    if loop.feeder is not None:
+        loop.feeder.plan(batches)
     steps = len(batches) if args.steps == 0 else min(args.steps + 3, len(batches))
     n, wait0 = 0, 0.0
     for i in range(steps):
         if i == 3:  # warm-up done: time from here
             start, wait0 = time.perf_counter(), loop.feeder.wait if loop.feeder else 0.0
         idx = batches[i]
-        loop.step(loop.inputs(idx), loop.train_y[idx])
+        loop.step(*loop.batch(idx))
         n += len(idx) if i >= 3 else 0
     seconds = time.perf_counter() - start
     wait = (loop.feeder.wait - wait0) if loop.feeder else 0.0
@@ -165,10 +194,17 @@ def main():
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--set", action="append", default=[], help="params override, e.g. prepare.resize=128")
     p.add_argument("--old", action="store_true", help=f"the prepare of {OLD} (one train.pt)")
+    e = sub.add_parser("epoch")
+    e.add_argument("--data", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True, help="a scratch folder for the stage's outputs")
+    e.add_argument("--set", action="append", default=[], help="params override, e.g. train.crop=64")
     t = sub.add_parser("train")
     t.add_argument("--data", type=Path, required=True)
     t.add_argument(
-        "--resident-mb", action="append", default=[], help="0 (stream) | auto | legacy; repeatable"
+        "--resident-mb",
+        action="append",
+        default=[],
+        help="0 (stream) | auto | legacy | MiB (resident); repeatable",
     )
     t.add_argument("--steps", type=int, default=0, help="timed batches (0: the whole epoch)")
     t.add_argument("--crop", type=int, default=64)
@@ -176,8 +212,8 @@ def main():
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.cmd == "prepare":
-        print(json.dumps(run_prepare(args)))
+    if args.cmd in ("prepare", "epoch"):
+        print(json.dumps((run_prepare if args.cmd == "prepare" else run_epoch)(args)))
         return
     if args.one:
         args.resident_mb = args.resident_mb[0]

@@ -140,7 +140,7 @@ class TrainParams:
         min=0,
         words=("auto",),
         doc="keep the packed train+val images on the device when they take at most this many MiB, else "
-        "stream batches from the memory-mapped shards; auto: half the free GPU memory, a quarter of free RAM",
+        "stream batches from the memory-mapped shards; auto: half the free GPU memory, on a CPU always stream",
     )
 
 

@@ -220,18 +220,22 @@ class ShardedTensor:
 
 
 def resident_budget(setting, device: torch.device) -> int:
-    """train.resident_mb in bytes; auto: half the free memory of a CUDA device, a quarter of the
-    available RAM otherwise (the packed images on the CPU are RAM)."""
+    """train.resident_mb in bytes. auto: half the free memory of a CUDA device; 0 on a CPU, where the
+    memory-mapped shards already are RAM (the OS page cache keeps what fits, shared by every process
+    of a run) and a resident copy would only hold the set twice, once per process; a quarter of the
+    available RAM on other devices (MPS: the copy lives in unified memory)."""
     if setting != "auto":
         return int(setting) * 2**20
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
+    if device.type == "cpu":
+        return 0
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
 
 class Feeder:
-    """Training batches from a ShardedTensor, one batch ahead: plan(order, batch_size) says which
-    batches an epoch will ask for; get(idx) returns the one gathered meanwhile on a worker thread
+    """Training batches from a ShardedTensor, one batch ahead: plan(batches) says which index
+    tensors an epoch will ask for; get(idx) returns the one gathered meanwhile on a worker thread
     (on CUDA: into pinned memory, then copied on a side stream). A batch that was not planned is
     read when asked. `wait` sums the seconds get() spent waiting for data."""
 
@@ -243,9 +247,9 @@ class Feeder:
         self.plan_, self.pending = [], None
         self.wait, self.hits, self.misses = 0.0, 0, 0
 
-    def plan(self, order: torch.Tensor, batch_size: int) -> None:
-        """The batches order[i : i + batch_size] in turn; reading the first starts now."""
-        self.plan_ = list(zip(order.split(batch_size), order.cpu().split(batch_size)))
+    def plan(self, batches: list[torch.Tensor]) -> None:
+        """The index tensors an epoch will ask for, in turn; reading the first starts now."""
+        self.plan_ = [(b, b.cpu()) for b in batches]
         self.pending = None
         self._advance()
 

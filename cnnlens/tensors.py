@@ -126,12 +126,22 @@ def random_resized_crop(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """RandomResizedCrop + RandomHorizontalFlip for a whole uint8 batch in one grid_sample.
-
-    Crop boxes are drawn as torchvision draws them (area fraction in `scale`, log-uniform aspect
-    ratio, 10 tries, then the whole square) on the CPU generator, so runs are reproducible on any
-    device. Returns normalised float32 N x 3 x size x size on the images' device.
-    """
+    Returns normalised float32 N x 3 x size x size on the images' device."""
     n, _, h, w = images.shape
+    boxes = crop_boxes(n, h, w, scale=scale, ratio=ratio, flip=flip, generator=generator)
+    return resample(images, boxes, size)
+
+
+def crop_boxes(
+    n: int, h: int, w: int, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True, generator=None
+) -> torch.Tensor:
+    """n random crop boxes (and flips) of an h x w image as affine_grid matrices, N x 2 x 3.
+
+    Drawn as torchvision draws them (area fraction in `scale`, log-uniform aspect ratio, 10 tries,
+    then the whole square) on the CPU generator, so runs are reproducible on any device. The draws
+    for a batch of n do not depend on which rows are cropped later: several processes draw a whole
+    global batch's boxes and each resamples its own rows (cnnlens.training.Loop.batch).
+    """
     tries = 10
     area = torch.empty(n, tries).uniform_(scale[0], scale[1], generator=generator) * (h * w)
     log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
@@ -156,8 +166,13 @@ def random_resized_crop(
     theta[:, 0, 2] = (2 * x0 + cw) / w - 1
     theta[:, 1, 1] = ch / h
     theta[:, 1, 2] = (2 * y0 + ch) / h - 1
-    theta = theta.to(images.device)
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    return theta
+
+
+def resample(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Each uint8 image's box (crop_boxes) resized to size x size (bilinear), normalised float32."""
+    n = len(images)
+    grid = F.affine_grid(boxes.to(images.device), [n, 3, size, size], align_corners=False)
     x = images.float() / 255.0
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return normalize(out)

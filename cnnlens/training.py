@@ -24,7 +24,7 @@ from cnnlens.config import TrainParams, device_name
 from cnnlens.losses import LOSSES
 from cnnlens.model import autocast, get_module, head_name, predict_logits, set_module
 from cnnlens.shards import Feeder, ShardedTensor, resident_budget
-from cnnlens.tensors import Split, eval_inputs, random_resized_crop
+from cnnlens.tensors import Split, crop_boxes, eval_inputs, resample
 
 
 @dataclass
@@ -151,17 +151,18 @@ class GraphedStep:
 
 def place(train_images, val_images, resident_mb, device) -> tuple:
     """The packed images for training: on the device when they fit train.resident_mb (the resident
-    path, as fast as the data allows), else the memory-mapped shards as they are (streamed)."""
+    path), else the memory-mapped shards as they are (streamed; always with auto on a CPU)."""
     if not isinstance(train_images, ShardedTensor):  # an in-memory split (older prepare, tests)
         return train_images.to(device), val_images.to(device)  # uint8: 244 x 3 x 256 x 256 is 48 MB
     need = train_images.nbytes + val_images.nbytes
     budget = resident_budget(resident_mb, device)
     if need <= budget:
         return train_images.to(device), val_images.to(device)
-    log(
-        f"finetune: {need / 2**20:.0f} MiB of packed images > train.resident_mb budget "
-        f"{budget / 2**20:.0f} MiB: streaming batches from the shards"
-    )
+    if budget:  # a budget of 0 (auto on a CPU) streams by design: nothing to explain
+        log(
+            f"finetune: {need / 2**20:.0f} MiB of packed images > train.resident_mb budget "
+            f"{budget / 2**20:.0f} MiB: streaming batches from the shards"
+        )
     return train_images, val_images
 
 
@@ -210,19 +211,25 @@ class Loop:
 
             self.net = wrap(self.net, world)
 
-    def inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        """The network's input for these training images: cached features, an augmented or a centre crop."""
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(network input, labels) of this process's rows of the global batch `idx`: cached features,
+        an augmented or a centre crop. Only these rows are read (streamed: from the shards), but the
+        augmentation boxes are drawn for the whole global batch, as one process draws them."""
         tp = self.tp
+        lo, hi = self.rows(len(idx))
+        mine = idx[lo:hi]
         if self.cached:
-            return self.train_x[idx]
-        batch = self.feeder.get(idx) if self.feeder is not None else self.train_x[idx]
+            return self.train_x[mine], self.train_y[mine]
+        images = self.feeder.get(mine) if self.feeder is not None else self.train_x[mine]
         if tp.augment:
-            x = random_resized_crop(
-                batch, tp.crop, scale=(tp.min_scale, 1.0), flip=tp.flip, generator=self.generator
+            side = images.shape[-1]
+            boxes = crop_boxes(
+                len(idx), side, side, scale=(tp.min_scale, 1.0), flip=tp.flip, generator=self.generator
             )
+            x = resample(images, boxes[lo:hi], tp.crop)
         else:
-            x = eval_inputs(batch, tp.crop)
-        return x.contiguous(memory_format=torch.channels_last) if self.use_amp else x
+            x = eval_inputs(images, tp.crop)
+        return (x.contiguous(memory_format=torch.channels_last) if self.use_amp else x), self.train_y[mine]
 
     def eager_step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on batch (x, y); returns (loss, logits)."""
@@ -263,14 +270,12 @@ class Loop:
         if self.graphed is not None:
             self.graphed.set_lr(self.optimizer.param_groups[0]["lr"])
         order = torch.randperm(len(self.train_y), generator=self.generator).to(device)
-        if self.feeder is not None:  # streaming: read each batch while the one before trains
-            self.feeder.plan(order, tp.batch_size)
+        batches = order.split(tp.batch_size)
+        if self.feeder is not None:  # streaming: read this process's rows of each batch one batch ahead
+            self.feeder.plan([b[slice(*self.rows(len(b)))] for b in batches])
         total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i in range(0, len(order), tp.batch_size):
-            idx = order[i : i + tp.batch_size]
-            x, y = self.inputs(idx), self.train_y[idx]
-            if self.world is not None:  # the whole global batch was augmented: same boxes as one process
-                x, y = self.rank_rows(x, y)
+        for idx in batches:
+            x, y = self.batch(idx)
             loss, logits = self.step(x, y)
             total_loss += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
@@ -279,10 +284,13 @@ class Loop:
         n = len(self.train_y)
         return float(total_loss) / n, float(correct) / n
 
-    def rank_rows(self, x, y):
-        """This rank's slice of a global batch. DDP averages the ranks' mean losses, so a rank whose
-        slice is not len/world rows scales its loss by its share: the gradient stays the global mean."""
-        world, n = self.world, len(y)
+    def rows(self, n: int) -> tuple[int, int]:
+        """This process's rows [lo, hi) of a global batch of n (all of them in one process). DDP averages
+        the ranks' mean losses, so a rank whose slice is not n/world rows scales its loss by its share:
+        the gradient stays the global mean."""
+        world = self.world
+        if world is None:
+            return 0, n
         if n < world.size:
             raise ParamsError(
                 f"the last batch has {n} image(s), fewer than the {world.size} processes; choose "
@@ -290,7 +298,7 @@ class Loop:
             )
         lo, hi = world.bounds(n)
         self.loss_scale = (hi - lo) * world.size / n
-        return x[lo:hi], y[lo:hi]
+        return lo, hi
 
     def validate(self) -> tuple[float, float]:
         """(loss, accuracy) on the val set: no grad, centre crop (or cached features)."""

@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from cnnlens.shards import ShardWriter, write_index
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "hymenoptera_data"
 needs_real_data = pytest.mark.skipif(
@@ -71,6 +73,19 @@ def make_prepared(
         torch.save(blob, root / f"{split}.pt")
     (root / "classes.json").write_text(json.dumps(list(classes)))
     return root
+
+
+def write_shards(folder, splits: dict, side: int, per_shard: int, masks=True) -> None:
+    """splits: {name: Split in memory} -> shards of `per_shard` images each, plus the index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for name, s in splits.items():
+        w = ShardWriter(folder, name, side, per_shard * 3 * side * side)
+        for i in range(len(s)):
+            mask = s.masks[i].numpy() if masks and s.masks is not None else None
+            w.add(s.images[i].numpy(), mask, int(s.labels[i]), s.paths[i])
+        entries[name] = w.close()
+    write_index(folder, side, entries)
 
 
 def make_weights_dir(root: Path) -> Path:

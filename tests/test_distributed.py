@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_TRAIN, make_prepared, make_weights_dir, write_params
+from conftest import ROOT, TINY_TRAIN, make_prepared, make_weights_dir, write_params, write_shards
 from dvc_helpers import copy_project, dvc, dvc_json, finished_project, free_port, set_params, stage_report
 from torch import nn
 
@@ -63,9 +63,11 @@ def tiny_net(seed: int = 0) -> nn.Module:
 
 
 def train_rank(data_dir: str, overrides: dict, slicing: str):
-    """One rank (run by elastic_launch in its own process): train tiny_net; return the weights and history.
-    slicing "same": every rank takes rank 0's slice, the bug the comparison must catch."""
+    """One rank (run by elastic_launch in its own process): train tiny_net; return the weights, history
+    and the rows this rank read from sharded training images. slicing "same": every rank takes rank 0's
+    slice, the bug the comparison must catch."""
     from cnnlens.distributed import World
+    from cnnlens.shards import ShardedTensor
 
     torch.set_num_threads(1)
     tp = TrainParams(**overrides)
@@ -73,13 +75,18 @@ def train_rank(data_dir: str, overrides: dict, slicing: str):
     if slicing == "same":
         bounds = World.bounds  # rank 0's rows wherever a rank asks for its own
         World.bounds = lambda self, n, rank=None: bounds(self, n, 0 if rank is None else rank)
+    train_split, val_split = load_split(data_dir, "train"), load_split(data_dir, "val")
+    read = []
+    if isinstance(train_split.images, ShardedTensor):  # count what this rank reads of the train shards
+        gather = train_split.images.gather
+        train_split.images.gather = lambda idx, out=None: (
+            read.append(len(idx.reshape(-1))) or gather(idx, out)
+        )
     torch.manual_seed(0)
     model = tiny_net()
-    history = train(
-        model, load_split(data_dir, "train"), load_split(data_dir, "val"), tp, world.device, 0, world=world
-    )
+    history = train(model, train_split, val_split, tp, world.device, 0, world=world)
     world.close()
-    return model.state_dict(), history.epochs
+    return model.state_dict(), history.epochs, sum(read)
 
 
 def launch_ranks(n: int, *args) -> dict:
@@ -132,7 +139,7 @@ def test_two_ranks_with_sync_batchnorm_equal_one_process(data, slicing):
     start = tiny_net().state_dict()
     single, single_epochs = one_process(str(data), SAME)
     results = launch_ranks(2, str(data), SAME, slicing)
-    two, two_epochs = results[0]
+    two, two_epochs, _ = results[0]
     mismatch = update_mismatch(single, two, start)
     print(f"slicing {slicing}: update mismatch {mismatch:.2e}")  # shown with pytest -s
     if slicing == "same":  # the comparison detects a slicing bug
@@ -143,6 +150,24 @@ def test_two_ranks_with_sync_batchnorm_equal_one_process(data, slicing):
     assert all(torch.equal(two[k], other[k]) for k in two)
     for a, b in zip(single_epochs, two_epochs):  # the same history: global loss, accuracy, validation
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
+
+
+@pytest.mark.trajectory
+def test_two_streaming_ranks_read_only_their_rows_and_equal_one_process(data, tmp_path):
+    """The same run with the images streamed from shards (resident_mb 0): each rank reads only its rows of
+    every global batch (together: the train set once per epoch), and the result still equals one process."""
+    splits = {name: load_split(str(data), name) for name in ("train", "val")}
+    write_shards(tmp_path / "shards", splits, 20, 4, masks=False)
+    streamed = {**SAME, "resident_mb": 0}
+    start = tiny_net().state_dict()
+    single, single_epochs = one_process(str(data), SAME)  # resident, in one process
+    results = launch_ranks(2, str(tmp_path), streamed, "rank")
+    assert [results[r][2] for r in (0, 1)] == [2 * (3 + 3 + 3 + 1), 2 * (3 + 3 + 3 + 2)]  # 2 epochs: 6,6,6,3
+    mismatch = update_mismatch(single, results[0][0], start)
+    assert mismatch < TOLERANCE, mismatch
+    for a, b in zip(single_epochs, results[0][1]):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
 
 
@@ -175,21 +200,20 @@ def test_each_rank_takes_its_slice_and_its_share_of_the_loss():
     from cnnlens.distributed import World
     from cnnlens.training import Loop
 
-    x, y = torch.arange(10.0).view(5, 2), torch.arange(5)
+    y = torch.arange(5)
     rows, scales = [], []
     for rank in range(2):
         loop = SimpleNamespace(world=SimpleNamespace(rank=rank, size=2, bounds=None), train_y=torch.zeros(21))
         loop.world.bounds = World.bounds.__get__(loop.world)
-        xs, ys = Loop.rank_rows(loop, x, y)
-        assert torch.equal(xs, x[ys])
-        rows.append(ys.tolist())
+        lo, hi = Loop.rows(loop, len(y))
+        rows.append(y[lo:hi].tolist())
         scales.append(loop.loss_scale)
     assert rows == [[0, 1], [2, 3, 4]]  # contiguous, disjoint, covering the global batch
     assert scales == [2 * 2 / 5, 3 * 2 / 5]  # DDP's mean of (scale x rank mean) = the global mean
     loop = SimpleNamespace(world=SimpleNamespace(rank=0, size=4), train_y=torch.zeros(21))
     loop.world.bounds = World.bounds.__get__(loop.world)
     with pytest.raises(ParamsError, match="fewer than the 4 processes"):
-        Loop.rank_rows(loop, x[:3], y[:3])
+        Loop.rows(loop, 3)
 
 
 def stage_cmd(data, weights, out: Path, params: Path) -> list[str]:

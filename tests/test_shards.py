@@ -7,29 +7,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_TRAIN, make_weights_dir, run_stage, write_params
+from conftest import TINY_TRAIN, make_weights_dir, run_stage, write_params, write_shards
 from PIL import Image
 
 from cnnlens.cli import StageError
 from cnnlens.config import TrainParams
 from cnnlens.model import build_model
-from cnnlens.shards import ShardWriter, write_index
+from cnnlens.shards import ShardedTensor, ShardWriter, resident_budget, write_index
 from cnnlens.tensors import Split, load_split
-from cnnlens.training import configure, train
+from cnnlens.training import configure, place, train
 from stages.prepare import bounded_map
-
-
-def write_shards(folder, splits: dict, side: int, per_shard: int, masks=True) -> None:
-    """splits: {name: Split in memory} -> shards of `per_shard` images each, plus the index."""
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = {}
-    for name, s in splits.items():
-        w = ShardWriter(folder, name, side, per_shard * 3 * side * side)
-        for i in range(len(s)):
-            mask = s.masks[i].numpy() if masks and s.masks is not None else None
-            w.add(s.images[i].numpy(), mask, int(s.labels[i]), s.paths[i])
-        entries[name] = w.close()
-    write_index(folder, side, entries)
 
 
 def random_split(n, side, seed, split="train", separable=True) -> Split:
@@ -144,7 +131,7 @@ def run_training(prepared, resident_mb, seed=0):
 @pytest.mark.trajectory
 def test_streamed_training_equals_resident_training_bit_for_bit(tmp_path, one_thread):
     """Same seed, same data: streaming batches from 5 shards (resident_mb: 0), holding the set in memory
-    (resident_mb: auto) and the old single-file split give the same weights and metrics, exactly."""
+    (resident_mb: 1024) and the old single-file split give the same weights and metrics, exactly."""
     train_split, val_split = random_split(23, 20, 0), random_split(7, 20, 1, "val")
     write_shards(tmp_path / "sharded" / "shards", {"train": train_split, "val": val_split}, 20, 5)
     legacy = tmp_path / "legacy"
@@ -152,7 +139,7 @@ def test_streamed_training_equals_resident_training_bit_for_bit(tmp_path, one_th
     for name, s in (("train", train_split), ("val", val_split)):
         torch.save({"images": s.images, "labels": s.labels, "paths": s.paths}, legacy / f"{name}.pt")
     streamed, h_streamed = run_training(tmp_path / "sharded", 0)
-    resident, h_resident = run_training(tmp_path / "sharded", "auto")
+    resident, h_resident = run_training(tmp_path / "sharded", 1024)
     old, h_old = run_training(legacy, "auto")
     assert h_streamed.streamed and not h_resident.streamed and not h_old.streamed
     strip = [
@@ -163,6 +150,23 @@ def test_streamed_training_equals_resident_training_bit_for_bit(tmp_path, one_th
     for name, value in resident.items():
         assert torch.equal(streamed[name], value), name
         assert torch.equal(old[name], value), name
+
+
+def test_auto_streams_on_a_cpu_and_a_budget_keeps_what_fits(tmp_path):
+    """resident_mb auto on a CPU streams (the mapped shards are RAM already; a copy per process would
+    hold the set twice); a budget in MiB keeps the set in memory exactly when train + val fit."""
+    train_split, val_split = random_split(23, 20, 0), random_split(7, 20, 1, "val")
+    write_shards(tmp_path / "shards", {"train": train_split, "val": val_split}, 20, 5)
+    train_images, val_images = load_split(tmp_path, "train").images, load_split(tmp_path, "val").images
+    cpu = torch.device("cpu")
+    assert resident_budget("auto", cpu) == 0 and resident_budget(3, cpu) == 3 * 2**20
+    need = train_images.nbytes + val_images.nbytes  # 30 images x 3 x 20 x 20 = 36,000 bytes
+    assert need == 30 * 3 * 20 * 20
+    for setting, streams in (("auto", True), (0, True), (1, False)):
+        placed = place(train_images, val_images, setting, cpu)
+        assert all(isinstance(t, ShardedTensor) == streams for t in placed), setting
+        if not streams:
+            assert torch.equal(placed[0], train_split.images) and torch.equal(placed[1], val_split.images)
 
 
 def test_bounded_map_keeps_at_most_depth_items_in_flight():
