@@ -121,8 +121,8 @@ def run_epoch(args) -> dict:
     }
 
 
-def one_training(args) -> dict:
-    """Runs in the child: one setting, --steps steps of one epoch's order."""
+def build_loop(data: Path, setting: str, args):
+    """A training Loop (random-init ResNet18) over `data` with resident_mb `setting`, and its epoch's batches."""
     import torch
 
     from cnnlens.config import TrainParams
@@ -130,35 +130,68 @@ def one_training(args) -> dict:
     from cnnlens.tensors import Split, load_split
     from cnnlens.training import Loop, configure
 
-    if args.resident_mb == "legacy":  # the whole split in memory, as before the shards
+    if setting == "legacy":  # the whole split in memory, as before the shards
 
         def load(split):
-            blob = torch.load(args.data / f"{split}.pt", weights_only=True)
+            blob = torch.load(data / f"{split}.pt", weights_only=True)
             return Split(blob["images"], blob["labels"], blob["paths"], None)
 
-        resident_mb = "auto"
     else:
-        load = lambda split: load_split(args.data, split)  # noqa: E731
-        resident_mb = args.resident_mb if args.resident_mb == "auto" else int(args.resident_mb)
+        load = lambda split: load_split(data, split)  # noqa: E731
     tp = TrainParams(
         crop=args.crop,
         batch_size=args.batch_size,
         lr=0.01,
         device="cpu",
         threads=args.threads,
-        resident_mb=resident_mb,
+        resident_mb="auto" if setting in ("legacy", "auto") else int(setting),
         min_scale=0.35,
     )
     device = torch.device("cpu")
     configure(tp, device, 0)
-    began = time.perf_counter()
     loop = Loop(build_model("resnet18", 2), load("train"), load("val"), tp, device, 0)
-    setup = time.perf_counter() - began
     loop.model.train()
-    order = torch.randperm(len(loop.train_y), generator=loop.generator)
-    batches = list(order.split(tp.batch_size))
+    batches = list(torch.randperm(len(loop.train_y), generator=loop.generator).split(tp.batch_size))
     if loop.feeder is not None:
         loop.feeder.plan(batches)
+    return loop, batches
+
+
+def paired_training(args) -> dict:
+    """Runs in the child: every --pair SETTING:DATA as its own loop in this one process, their steps
+    taken in turn (A1 B1 C1 A2 B2 ...), so each setting sees the same machine state; per-step times."""
+    loops = []
+    for pair in args.pair:
+        setting, data = pair.split(":", 1)
+        loops.append((pair, *build_loop(Path(data), setting, args)))
+    steps = min(len(b) for _, _, b in loops)
+    steps = steps if args.steps == 0 else min(args.steps + 3, steps)
+    seconds = {name: [] for name, _, _ in loops}
+    for i in range(steps):
+        for name, loop, batches in loops:
+            start = time.perf_counter()
+            loop.step(*loop.batch(batches[i]))
+            if i >= 3:  # after 3 warm-up steps
+                seconds[name].append(time.perf_counter() - start)
+    base = sum(seconds[loops[0][0]])
+    return {
+        "timed_steps": steps - 3,
+        "batch_size": args.batch_size,
+        "crop": args.crop,
+        "threads": __import__("torch").get_num_threads(),
+        "images_per_s": {k: round((steps - 3) * args.batch_size / sum(v), 2) for k, v in seconds.items()},
+        "time_vs_first": {k: round(sum(v) / base, 4) for k, v in seconds.items()},
+        "peak_rss_mb_all": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10),
+    }
+
+
+def one_training(args) -> dict:
+    """Runs in the child: one setting, --steps steps of one epoch's order."""
+    import torch
+
+    began = time.perf_counter()
+    loop, batches = build_loop(args.data, args.resident_mb, args)
+    setup = time.perf_counter() - began
     steps = len(batches) if args.steps == 0 else min(args.steps + 3, len(batches))
     n, wait0 = 0, 0.0
     for i in range(steps):
@@ -199,7 +232,7 @@ def main():
     e.add_argument("--out", type=Path, required=True, help="a scratch folder for the stage's outputs")
     e.add_argument("--set", action="append", default=[], help="params override, e.g. train.crop=64")
     t = sub.add_parser("train")
-    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--data", type=Path, help="the prepared folder (not with --pair)")
     t.add_argument(
         "--resident-mb",
         action="append",
@@ -211,9 +244,18 @@ def main():
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    t.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        help="SETTING:DATA (e.g. legacy:OLD, 0:NEW, 4096:NEW); repeatable: all in one process, steps in turn",
+    )
     args = ap.parse_args()
     if args.cmd in ("prepare", "epoch"):
         print(json.dumps((run_prepare if args.cmd == "prepare" else run_epoch)(args)))
+        return
+    if args.pair:
+        print(json.dumps(paired_training(args)))
         return
     if args.one:
         args.resident_mb = args.resident_mb[0]

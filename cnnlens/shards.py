@@ -29,9 +29,13 @@ from cnnlens.cli import StageError
 INDEX = "index.json"
 FORMAT = "cnnlens-shards"
 VERSION = 1
-# a pass over the shards drops the pages it has read once this much has been read: the resident set
+# a pass over the shards drops the pages it has mapped once this much has been mapped: the resident set
 # of a pass stays about this size, whatever the size of the split (the pages stay in the page cache)
 RELEASE_BYTES = 256 * 2**20
+# a read fault on a file mapping maps the aligned 64 KiB around the page (Linux's fault_around_bytes
+# default) when those pages are cached: reading a row maps its span rounded out to these windows, which
+# for random rows of a few KiB is several times the bytes read. Counting windows keeps the bound true.
+FAULT_AROUND = 64 * 2**10
 
 
 class ShardWriter:
@@ -153,6 +157,13 @@ def open_split(folder: Path, split: str):
     )
 
 
+def mapped_bytes(rows: torch.Tensor, row_bytes: int) -> int:
+    """At most how many bytes reading these rows of one shard maps: each row's span in FAULT_AROUND windows."""
+    first = rows * row_bytes // FAULT_AROUND
+    last = ((rows + 1) * row_bytes - 1) // FAULT_AROUND
+    return int((last - first + 1).sum()) * FAULT_AROUND
+
+
 class ShardedTensor:
     """Memory-mapped shards read as one uint8 tensor: len, shape, slices and index tensors give
     ordinary (copied) tensors; `.to(device)` reads the whole thing (the resident path)."""
@@ -191,10 +202,13 @@ class ShardedTensor:
         if out is None:
             out = torch.empty((len(idx), *self.shape[1:]), dtype=torch.uint8)
         shard = torch.searchsorted(self.starts, idx, right=True) - 1
+        mapped = 0
         for s in shard.unique().tolist():
             where = (shard == s).nonzero().squeeze(1)
-            out[where] = self.parts[s][idx[where] - self.starts[s]]
-        self._count(out.numel())
+            rows = idx[where] - self.starts[s]
+            out[where] = self.parts[s][rows]
+            mapped += mapped_bytes(rows, out[0].numel())
+        self._count(mapped)
         return out
 
     def _count(self, nbytes: int) -> None:

@@ -1,7 +1,9 @@
 """Large datasets: packed shards + index, memory-mapped reads, streamed training equal to resident."""
 
 import json
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,6 +12,7 @@ import torch
 from conftest import TINY_TRAIN, make_weights_dir, run_stage, write_params, write_shards
 from PIL import Image
 
+from cnnlens import shards
 from cnnlens.cli import StageError
 from cnnlens.config import TrainParams
 from cnnlens.model import build_model
@@ -167,6 +170,36 @@ def test_auto_streams_on_a_cpu_and_a_budget_keeps_what_fits(tmp_path):
         assert all(isinstance(t, ShardedTensor) == streams for t in placed), setting
         if not streams:
             assert torch.equal(placed[0], train_split.images) and torch.equal(placed[1], val_split.images)
+
+
+def shard_rss(folder: Path) -> int:
+    """Bytes of the files under `folder` mapped into this process now (/proc/self/smaps)."""
+    total, counting = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            counting = str(folder) in line
+        elif counting and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_random_reads_keep_the_mapped_shard_pages_under_the_release_size(tmp_path, monkeypatch):
+    """Random 12 KiB rows (64 px), far smaller than the 64 KiB the kernel maps around a read fault: the
+    shard pages mapped into the process stay under RELEASE_BYTES however many rows are read. Counting
+    the bytes copied instead of the windows mapped let 21 of the 24 MB be mapped (8 MB allowed)."""
+    monkeypatch.setattr(shards, "RELEASE_BYTES", 8 * 2**20)
+    n, side = 2000, 64  # 24 MB of images in shards of 500
+    write_shards(tmp_path / "shards", {"train": random_split(n, side, 0)}, side, 500, masks=False)
+    images = load_split(tmp_path, "train").images
+    g = torch.Generator().manual_seed(0)
+    peak, read = 0, 0
+    for _ in range(120):
+        images[torch.randint(0, n, (32,), generator=g)]
+        read += 32 * 3 * side * side
+        peak = max(peak, shard_rss(tmp_path))
+    assert read > 5 * shards.RELEASE_BYTES and peak > shards.RELEASE_BYTES // 2
+    assert peak <= shards.RELEASE_BYTES, f"{peak / 2**20:.1f} MiB mapped"
 
 
 def test_bounded_map_keeps_at_most_depth_items_in_flight():
