@@ -202,11 +202,13 @@ class ShardedTensor:
         if out is None:
             out = torch.empty((len(idx), *self.shape[1:]), dtype=torch.uint8)
         shard = torch.searchsorted(self.starts, idx, right=True) - 1
-        mapped = 0
+        mapped, out_np = 0, out.numpy()
         for s in shard.unique().tolist():
             where = (shard == s).nonzero().squeeze(1)
             rows = idx[where] - self.starts[s]
-            out[where] = self.parts[s][rows]
+            # numpy copies on the calling thread alone: a torch index op on the feeder thread starts an
+            # OpenMP team of its own, which competes with the training step's threads for the cores
+            out_np[where.numpy()] = self.parts[s].numpy()[rows.numpy()]
             mapped += mapped_bytes(rows, out[0].numel())
         self._count(mapped)
         return out
