@@ -52,6 +52,17 @@ def params_file(sets: list[str]) -> Path:
     return path
 
 
+def run_child(cmd: list[str], env=None) -> tuple[subprocess.CompletedProcess, float, float]:
+    """A stage as a child process: (the finished process, its wall seconds, the children's peak RSS in MB);
+    exits with the child's stderr if it failed."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(proc.stderr)
+    return proc, seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+
+
 def run_prepare(args) -> dict:
     params = params_file(args.set)
     cmd = [sys.executable, "-m", "stages.prepare"]
@@ -77,14 +88,7 @@ def run_prepare(args) -> dict:
         "--params",
         str(params),
     ]
-    start = time.perf_counter()
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True
-    )
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        sys.exit(proc.stderr)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+    proc, seconds, peak = run_child(cmd, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     report = json.loads(Path(str(args.out) + ".json").read_text())
     return {
         "what": "prepare" + (f" ({OLD})" if args.old else ""),
@@ -104,12 +108,7 @@ def run_epoch(args) -> dict:
     metrics = args.out / "train.json"
     cmd = [sys.executable, "-m", "stages.finetune", "--data", str(args.data), "--weights", str(weights)]
     cmd += ["--model", str(args.out / "model"), "--metrics", str(metrics), "--live", str(args.out / "live")]
-    start = time.perf_counter()
-    proc = subprocess.run([*cmd, "--params", str(params)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        sys.exit(proc.stderr)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+    proc, seconds, peak = run_child([*cmd, "--params", str(params)])
     train = json.loads(metrics.read_text())
     return {
         "what": "finetune stage",

@@ -202,14 +202,14 @@ class ShardedTensor:
         if out is None:
             out = torch.empty((len(idx), *self.shape[1:]), dtype=torch.uint8)
         shard = torch.searchsorted(self.starts, idx, right=True) - 1
-        mapped, out_np = 0, out.numpy()
+        mapped, out_np, row_bytes = 0, out.numpy(), int(np.prod(self.shape[1:]))
         for s in shard.unique().tolist():
             where = (shard == s).nonzero().squeeze(1)
             rows = idx[where] - self.starts[s]
             # numpy copies on the calling thread alone: a torch index op on the feeder thread starts an
             # OpenMP team of its own, which competes with the training step's threads for the cores
             out_np[where.numpy()] = self.parts[s].numpy()[rows.numpy()]
-            mapped += mapped_bytes(rows, out[0].numel())
+            mapped += mapped_bytes(rows, row_bytes)
         self._count(mapped)
         return out
 
