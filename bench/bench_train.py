@@ -40,7 +40,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cnnlens.config import TrainParams, select_device  # noqa: E402
+from cnnlens.config import TrainParams  # noqa: E402
+from cnnlens.devices import select_device
 from cnnlens.model import build_model, load_backbone  # noqa: E402
 from cnnlens.tensors import load_split  # noqa: E402
 from cnnlens.training import configure, train  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlens.cli import ParamsError
+from cnnlens.errors import ParamsError
 from cnnlens.tensors import MEAN, STD, combine_channels, normalize_maps
 
 

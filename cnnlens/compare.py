@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cnnlens.cli import StageError, log, run_main
+from cnnlens.cli import log, run_main
+from cnnlens.errors import StageError
 from cnnlens.metrics import expected_calibration_error
 from cnnlens.tensors import denormalize
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from cnnlens.cli import ParamsError
+from cnnlens.devices import DEVICES
+from cnnlens.errors import ParamsError
 
 # Choices that a library registry owns: field metadata names the registry, _check reads it. Imported
 # when a file is validated, not when this module is, so that a stage's code deps (dvc.yaml) stay the
@@ -34,7 +35,7 @@ def registry_choices(name: str) -> tuple[str, ...]:
     return tuple(getattr(importlib.import_module(module), attr))
 
 
-def _f(default, *, choices=None, min=None, max=None, doc="", words=()):
+def param(default, *, choices=None, min=None, max=None, doc="", words=()):
     """A field with validation metadata. Lists/dicts get a default_factory. `words`: strings allowed
     besides the field's type (e.g. `auto` for a number)."""
     meta = {"choices": choices, "min": min, "max": max, "doc": doc, "words": words}
@@ -45,23 +46,23 @@ def _f(default, *, choices=None, min=None, max=None, doc="", words=()):
 
 @dataclass(frozen=True)
 class SyntheticParams:
-    image_size: int = _f(256, min=32, max=2048, doc="side of the generated square images")
-    train_ants: int = _f(123, min=1)
-    train_bees: int = _f(121, min=1)
-    val_ants: int = _f(70, min=1)
-    val_bees: int = _f(83, min=1)
+    image_size: int = param(256, min=32, max=2048, doc="side of the generated square images")
+    train_ants: int = param(123, min=1)
+    train_bees: int = param(121, min=1)
+    val_ants: int = param(70, min=1)
+    val_bees: int = param(83, min=1)
 
 
 @dataclass(frozen=True)
 class DataParams:
-    source: str = _f(
+    source: str = param(
         "hymenoptera", doc="hymenoptera | synthetic | http(s) URL | local .zip | local ImageFolder dir"
     )
-    sha256: str | None = _f(None, doc="expected SHA-256 of a downloaded or local archive; null: record it")
-    timeout: float = _f(30.0, min=1.0, doc="connect/read timeout in seconds")
-    retries: int = _f(3, min=0, max=10)
-    max_extract_mb: int = _f(2048, min=1, doc="refuse archives that unpack to more than this")
-    symlinks: str = _f(
+    sha256: str | None = param(None, doc="expected SHA-256 of a downloaded or local archive; null: record it")
+    timeout: float = param(30.0, min=1.0, doc="connect/read timeout in seconds")
+    retries: int = param(3, min=0, max=10)
+    max_extract_mb: int = param(2048, min=1, doc="refuse archives that unpack to more than this")
+    symlinks: str = param(
         "inside",
         choices=("inside", "refuse", "follow"),
         doc="links in a local ImageFolder dir: inside = copy those whose target is in the folder, "
@@ -73,69 +74,71 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    arch: str = _f("resnet18", choices="archs")
-    weights: str = _f("IMAGENET1K_V1", doc="IMAGENET1K_V1 | none | path to a state_dict file")
+    arch: str = param("resnet18", choices="archs")
+    weights: str = param("IMAGENET1K_V1", doc="IMAGENET1K_V1 | none | path to a state_dict file")
 
 
 @dataclass(frozen=True)
 class PrepareParams:
-    resize: int = _f(256, min=16, max=4096, doc="short side of the prepared images (and packed square side)")
-    val_fraction: float = _f(0.2, min=0.01, max=0.9, doc="used only when the raw data has no val/ folder")
-    on_bad_image: str = _f("skip", choices=("skip", "fail"))
-    max_pixels: int = _f(89_478_485, min=1, doc="larger images are treated as decompression bombs")
-    max_aspect: float = _f(
+    resize: int = param(
+        256, min=16, max=4096, doc="short side of the prepared images (and packed square side)"
+    )
+    val_fraction: float = param(0.2, min=0.01, max=0.9, doc="used only when the raw data has no val/ folder")
+    on_bad_image: str = param("skip", choices=("skip", "fail"))
+    max_pixels: int = param(89_478_485, min=1, doc="larger images are treated as decompression bombs")
+    max_aspect: float = param(
         20.0, min=1.0, max=1000.0, doc="images longer than this times their short side are bad"
     )
-    shard_mb: int = _f(256, min=1, max=4096, doc="most MiB of packed images per shard file")
-    copy_images: bool = _f(True, doc="also write the resized ImageFolder copy; false for large data")
+    shard_mb: int = param(256, min=1, max=4096, doc="most MiB of packed images per shard file")
+    copy_images: bool = param(True, doc="also write the resized ImageFolder copy; false for large data")
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    mode: str = _f("finetune", choices=("finetune", "feature_extractor"))
-    loss: str = _f("cross_entropy", choices="losses")
-    label_smoothing: float = _f(0.0, min=0.0, max=0.99)
-    focal_gamma: float = _f(2.0, min=0.0, max=10.0)
-    epochs: int = _f(25, min=1, max=10_000)
-    batch_size: int = _f(4, min=1, max=4096)
-    lr: float = _f(0.001, min=0.0)
-    momentum: float = _f(0.9, min=0.0, max=1.0)
-    weight_decay: float = _f(0.0, min=0.0)
-    step_size: int = _f(7, min=1)
-    gamma: float = _f(0.1, min=0.0, max=1.0)
-    crop: int = _f(224, min=8, max=4096, doc="input size of the network")
-    min_scale: float = _f(0.08, min=0.01, max=1.0, doc="RandomResizedCrop scale lower bound")
-    flip: bool = _f(True)
-    augment: bool = _f(True, doc="false: train on the centre crop, no random crop or flip")
-    device: str = _f("auto", choices=("auto", "cpu", "cuda", "mps"))
-    amp: bool = _f(True, doc="bf16 autocast and channels_last on CUDA")
-    deterministic: bool = _f(False, doc="CUDA determinism flags (slower)")
-    cache_features: bool = _f(
+    mode: str = param("finetune", choices=("finetune", "feature_extractor"))
+    loss: str = param("cross_entropy", choices="losses")
+    label_smoothing: float = param(0.0, min=0.0, max=0.99)
+    focal_gamma: float = param(2.0, min=0.0, max=10.0)
+    epochs: int = param(25, min=1, max=10_000)
+    batch_size: int = param(4, min=1, max=4096)
+    lr: float = param(0.001, min=0.0)
+    momentum: float = param(0.9, min=0.0, max=1.0)
+    weight_decay: float = param(0.0, min=0.0)
+    step_size: int = param(7, min=1)
+    gamma: float = param(0.1, min=0.0, max=1.0)
+    crop: int = param(224, min=8, max=4096, doc="input size of the network")
+    min_scale: float = param(0.08, min=0.01, max=1.0, doc="RandomResizedCrop scale lower bound")
+    flip: bool = param(True)
+    augment: bool = param(True, doc="false: train on the centre crop, no random crop or flip")
+    device: str = param("auto", choices=DEVICES)
+    amp: bool = param(True, doc="bf16 autocast and channels_last on CUDA")
+    deterministic: bool = param(False, doc="CUDA determinism flags (slower)")
+    cache_features: bool = param(
         False, doc="feature_extractor without augmentation: run the frozen backbone once"
     )
-    compile: bool = _f(False, doc="torch.compile the model (CUDA)")
-    cuda_graphs: str = _f(
+    compile: bool = param(False, doc="torch.compile the model (CUDA)")
+    cuda_graphs: str = param(
         "off",
         choices=("auto", "on", "off"),
         doc="CUDA, experimental: the whole train step as one captured CUDA graph (not with compile or "
         "cache_features); auto: on, falling back to eager if capture fails; on: a failed capture is an error. "
         "Off by default until graphed training is shown equal to eager on a GPU (BENCHMARKS.md, GPU)",
     )
-    threads: int = _f(0, min=0, doc="CPU threads; 0: torch's default (per process: cores / processes)")
+    threads: int = param(0, min=0, doc="CPU threads; 0: torch's default (per process: cores / processes)")
     # distributed data parallel (torch.distributed, launched by torchrun's elastic launcher)
-    nproc_per_node: int | str = _f(
+    nproc_per_node: int | str = param(
         1, min=1, max=1024, words=("auto",), doc="processes on this machine; auto: one per visible GPU"
     )
-    nnodes: int = _f(1, min=1, max=1024, doc="machines taking part")
-    node_rank: int = _f(
+    nnodes: int = param(1, min=1, max=1024, doc="machines taking part")
+    node_rank: int = param(
         0, min=0, max=1023, doc="this machine's index, 0 .. nnodes - 1 (0 writes the outputs)"
     )
-    rdzv_endpoint: str = _f(
+    rdzv_endpoint: str = param(
         "", doc="host:port of node 0's rendezvous (several nodes); empty: a free port here (one node)"
     )
-    backend: str = _f("auto", choices=("auto", "nccl", "gloo"), doc="auto: NCCL on CUDA, gloo on CPU")
-    sync_batchnorm: bool = _f(False, doc="several processes: BatchNorm statistics over the global batch")
-    resident_mb: int | str = _f(
+    backend: str = param("auto", choices=("auto", "nccl", "gloo"), doc="auto: NCCL on CUDA, gloo on CPU")
+    sync_batchnorm: bool = param(False, doc="several processes: BatchNorm statistics over the global batch")
+    resident_mb: int | str = param(
         "auto",
         min=0,
         words=("auto",),
@@ -146,43 +149,43 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    ece_bins: int = _f(15, min=2, max=1000)
-    gallery_max: int = _f(32, min=0, doc="most misclassified images shown in the gallery")
-    device: str = _f("auto", choices=("auto", "cpu", "cuda", "mps"))
+    ece_bins: int = param(15, min=2, max=1000)
+    gallery_max: int = param(32, min=0, doc="most misclassified images shown in the gallery")
+    device: str = param("auto", choices=DEVICES)
 
 
 @dataclass(frozen=True)
 class SaliencyParams:
-    num_images: int = _f(8, min=1, max=10_000, doc="val images explained, chosen deterministically")
-    images: list = _f([], doc="explicit manifest paths; overrides num_images when not empty")
-    methods: list = _f(["gradient", "smoothgrad", "integrated_gradients", "gradcam"], choices="methods")
-    normalize: str = _f("minmax", choices=("minmax", "percentile"))
-    percentile: float = _f(99.0, min=50.0, max=100.0)
-    smoothgrad_sigma: float = _f(0.15, min=0.0, max=1.0, doc="noise std as a fraction of the input range")
-    smoothgrad_samples: int = _f(25, min=1, max=1000)
-    ig_steps: int = _f(32, min=2, max=1000)
-    quality_steps: int = _f(16, min=2, max=1000, doc="deletion/insertion steps")
-    quality_images: int = _f(32, min=0, doc="val images scored for explanation quality; 0: all")
-    bootstrap: int = _f(1000, min=10, max=100_000)
-    randomization: bool = _f(True, doc="model-randomisation sanity check (Adebayo et al. 2018)")
-    before_after: bool = _f(True, doc="also explain the untuned network (downloaded weights, new head)")
-    batch_size: int = _f(16, min=1, max=4096)
-    device: str = _f("auto", choices=("auto", "cpu", "cuda", "mps"))
+    num_images: int = param(8, min=1, max=10_000, doc="val images explained, chosen deterministically")
+    images: list = param([], doc="explicit manifest paths; overrides num_images when not empty")
+    methods: list = param(["gradient", "smoothgrad", "integrated_gradients", "gradcam"], choices="methods")
+    normalize: str = param("minmax", choices=("minmax", "percentile"))
+    percentile: float = param(99.0, min=50.0, max=100.0)
+    smoothgrad_sigma: float = param(0.15, min=0.0, max=1.0, doc="noise std as a fraction of the input range")
+    smoothgrad_samples: int = param(25, min=1, max=1000)
+    ig_steps: int = param(32, min=2, max=1000)
+    quality_steps: int = param(16, min=2, max=1000, doc="deletion/insertion steps")
+    quality_images: int = param(32, min=0, doc="val images scored for explanation quality; 0: all")
+    bootstrap: int = param(1000, min=10, max=100_000)
+    randomization: bool = param(True, doc="model-randomisation sanity check (Adebayo et al. 2018)")
+    before_after: bool = param(True, doc="also explain the untuned network (downloaded weights, new head)")
+    batch_size: int = param(16, min=1, max=4096)
+    device: str = param("auto", choices=DEVICES)
 
 
 @dataclass(frozen=True)
 class ActivationsParams:
-    images: list = _f([], doc="manifest paths; empty: the first num_images val images")
-    num_images: int = _f(2, min=1, max=1000)
-    layers: list = _f(["stem", "layer1", "layer2", "layer3", "layer4"], choices="layers")
-    max_maps: int = _f(64, min=1, max=4096, doc="top-k maps by mean activation per grid")
-    batch_size: int = _f(32, min=1, max=4096)
-    device: str = _f("auto", choices=("auto", "cpu", "cuda", "mps"))
+    images: list = param([], doc="manifest paths; empty: the first num_images val images")
+    num_images: int = param(2, min=1, max=1000)
+    layers: list = param(["stem", "layer1", "layer2", "layer3", "layer4"], choices="layers")
+    max_maps: int = param(64, min=1, max=4096, doc="top-k maps by mean activation per grid")
+    batch_size: int = param(32, min=1, max=4096)
+    device: str = param("auto", choices=DEVICES)
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = _f(0, min=0, max=2**31 - 1)
+    seed: int = param(0, min=0, max=2**31 - 1)
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
@@ -299,32 +302,22 @@ def to_dict(params) -> dict:
     return dataclasses.asdict(params)
 
 
-def select_device(name: str):
-    """`auto` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
-    import torch
+def stage_args(doc: str, path_flags: tuple[str, ...], argv=None, outs: tuple[str, ...] = ()):
+    """The command line every stage shares: its paths (from dvc.yaml) and --params. Returns (args, Params).
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("device = cuda but torch sees no CUDA GPU; use device: auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ParamsError("device = mps but MPS is not available; use device: auto or cpu")
-    return torch.device(name)
+    The paths named in `outs` (flags) are locked for the life of the process (files.lock_outputs)."""
+    import argparse
 
+    from cnnlens.files import lock_outputs
 
-def device_name(device) -> str:
-    """What the metrics record as the device: the GPU's name, or the CPU and its thread count."""
-    import platform
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in path_flags:
+        ap.add_argument(flag, type=Path, required=True)
+    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    lock_outputs(*(getattr(args, flag.lstrip("-").replace("-", "_")) for flag in outs))
+    return args, params
 
 
 def merge(base: dict, overrides: dict) -> dict:

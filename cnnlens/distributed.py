@@ -24,8 +24,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from cnnlens.cli import ParamsError, StageError, disk_error_line
-from cnnlens.config import device_name, to_dict
+from cnnlens.config import to_dict
+from cnnlens.devices import device_name
+from cnnlens.errors import ParamsError, StageError, disk_error_line
 
 
 class WorkerFailed(StageError):

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cnnlens.cli import StageError, log
+from cnnlens.cli import log
+from cnnlens.errors import StageError
 from cnnlens.files import atomic_path
 
 # First retry waits this long, then twice as long each time. Tests run the stage as a subprocess

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from cnnlens.cli import StageError
+from cnnlens.errors import StageError
 
 
 @contextlib.contextmanager
@@ -183,3 +183,37 @@ def unique_stems(paths: list[str]) -> list[str]:
     """One file or folder name per manifest path: its stem, or the whole path when two stems collide."""
     stems = [Path(p).stem for p in paths]
     return [s if stems.count(s) == 1 else p.replace("/", "_").rsplit(".", 1)[0] for s, p in zip(stems, paths)]
+
+
+# the lock files this process holds: {lock path: open file}, kept until the process exits
+_LOCKS: dict[str, object] = {}
+
+
+def lock_outputs(*outs: str | os.PathLike) -> None:
+    """Take an exclusive lock per out (a file under the temp dir, named by the out's absolute path).
+
+    A second copy of the stage (e.g. a new `dvc repro` beside an orphan) fails at once with one
+    line naming the out and the pid that holds it. The kernel drops the lock when the process dies.
+    """
+    import fcntl
+
+    folder = Path(tempfile.gettempdir()) / "cnnlens-locks"
+    folder.mkdir(exist_ok=True)
+    for out in outs:
+        where = str(Path(out).resolve())
+        lock = str(folder / (hashlib.sha256(where.encode()).hexdigest()[:24] + ".lock"))
+        if lock in _LOCKS:  # already ours (main() called twice in one process, as tests do)
+            continue
+        fh = open(lock, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise StageError(
+                f"{out} is being written by another running stage (pid {holder}); "
+                f"wait for it to finish or stop it (kill {holder}), then rerun"
+            ) from None
+        fh.seek(0), fh.truncate(), fh.write(f"{os.getpid()}\n"), fh.flush()
+        _LOCKS[lock] = fh

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from cnnlens.cli import StageError
+from cnnlens.errors import StageError
 
 # The layers one can hook, one registry (config validates activations.layers against it): stage name ->
 # ResNet module.

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cnnlens.cli import StageError
+from cnnlens.errors import StageError
 from cnnlens.files import atomic_path, load_torch, read_json, save_torch
 from cnnlens.losses import LOSSES
 from cnnlens.tensors import eval_inputs

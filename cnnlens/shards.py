@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlens.cli import StageError
+from cnnlens.errors import StageError
 
 INDEX = "index.json"
 FORMAT = "cnnlens-shards"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cnnlens.cli import StageError
+from cnnlens.errors import StageError
 from cnnlens.files import load_torch
 from cnnlens.shards import INDEX, ShardedTensor, open_split
 

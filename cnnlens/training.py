@@ -19,8 +19,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cnnlens.cli import ParamsError, log
-from cnnlens.config import TrainParams, device_name
+from cnnlens.cli import log
+from cnnlens.config import TrainParams
+from cnnlens.devices import device_name
+from cnnlens.errors import ParamsError
 from cnnlens.losses import LOSSES
 from cnnlens.model import autocast, get_module, head_name, predict_logits, set_module
 from cnnlens.shards import Feeder, ShardedTensor, resident_budget

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlens.cli import StageError
+from cnnlens.errors import StageError
 
 
 def head_name(model: nn.Module) -> str:

@@ -17,8 +17,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from cnnlens.cli import StageError, log, run_main, stage_args
-from cnnlens.config import select_device
+from cnnlens.cli import log, run_main
+from cnnlens.config import stage_args
+from cnnlens.devices import select_device
+from cnnlens.errors import StageError
 from cnnlens.figures import (
     chw_to_hwc,
     feature_maps_figure,

@@ -34,10 +34,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cnnlens.cli import ParamsError, StageError, die_with_parent, lock_outputs, log, run_main
+from cnnlens.cli import die_with_parent, log, run_main
 from cnnlens.config import load_params
+from cnnlens.errors import ParamsError, StageError
 from cnnlens.fetch import download, find_imagefolder_root, safe_extract_zip
-from cnnlens.files import atomic_path, sha256_file, write_json
+from cnnlens.files import atomic_path, lock_outputs, sha256_file, write_json
 
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 HYMENOPTERA_BYTES = 47_286_322

@@ -6,8 +6,9 @@ python -m stages.evaluate --data data/prepared --model models --metrics metrics/
 import numpy as np
 import pandas as pd
 
-from cnnlens.cli import log, run_main, stage_args
-from cnnlens.config import select_device
+from cnnlens.cli import log, run_main
+from cnnlens.config import stage_args
+from cnnlens.devices import select_device
 from cnnlens.figures import chw_to_hwc, image_grid, save_figure
 from cnnlens.files import atomic_outputs, write_json
 from cnnlens.metrics import classification_metrics, confusion, pr_points, reliability_table, roc_points

@@ -11,9 +11,11 @@ import os
 import torch
 
 from cnnlens import distributed
-from cnnlens.cli import ParamsError, StageError, lock_outputs, log, run_main, stage_args
-from cnnlens.config import device_name, select_device, to_dict
-from cnnlens.files import atomic_outputs, write_json
+from cnnlens.cli import log, run_main
+from cnnlens.config import stage_args, to_dict
+from cnnlens.devices import device_name, select_device
+from cnnlens.errors import ParamsError, StageError
+from cnnlens.files import atomic_outputs, lock_outputs, write_json
 from cnnlens.live import live_logger
 from cnnlens.model import initial_model, save_checkpoint
 from cnnlens.tensors import MEAN, STD, load_classes, load_split

@@ -19,7 +19,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from cnnlens.cli import StageError, log, run_main, stage_args
+from cnnlens.cli import log, run_main
+from cnnlens.config import stage_args
 from cnnlens.decode import (
     BadImage,
     center_square,
@@ -29,6 +30,7 @@ from cnnlens.decode import (
     stratified_split,
     to_chw_uint8,
 )
+from cnnlens.errors import StageError
 from cnnlens.files import atomic_outputs, sha256_file, write_json
 from cnnlens.shards import ShardWriter, write_index
 

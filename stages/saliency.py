@@ -22,8 +22,10 @@ import torch
 from tqdm import tqdm
 
 from cnnlens.attribution import METHODS, display_maps, explain, gradcam_grid, ig_completeness
-from cnnlens.cli import ParamsError, log, run_main, stage_args
-from cnnlens.config import device_name, select_device
+from cnnlens.cli import log, run_main
+from cnnlens.config import stage_args
+from cnnlens.devices import device_name, select_device
+from cnnlens.errors import ParamsError
 from cnnlens.figures import (
     chw_to_hwc,
     randomization_figure,

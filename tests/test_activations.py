@@ -22,7 +22,8 @@ from torch import nn
 
 import stages.activations as stage
 from cnnlens import hooks as F
-from cnnlens.cli import StageError, run_main
+from cnnlens.cli import run_main
+from cnnlens.errors import StageError
 from cnnlens.model import build_model, load_checkpoint, save_checkpoint
 from cnnlens.tensors import eval_inputs, normalize_maps
 

@@ -17,8 +17,8 @@ from conftest import small_resnet
 from torch import nn
 
 from cnnlens import attribution as A
-from cnnlens.cli import ParamsError
 from cnnlens.config import SaliencyParams
+from cnnlens.errors import ParamsError
 from cnnlens.model import predictions
 
 

@@ -22,8 +22,8 @@ from conftest import ROOT, TINY_TRAIN, make_prepared, make_weights_dir, write_pa
 from dvc_helpers import copy_project, dvc, dvc_json, finished_project, free_port, set_params, stage_report
 from torch import nn
 
-from cnnlens.cli import ParamsError
 from cnnlens.config import TrainParams, parse_params
+from cnnlens.errors import ParamsError
 from cnnlens.tensors import load_split
 from cnnlens.training import train
 
@@ -259,7 +259,7 @@ FAIL_RANK_1 = """
 import os
 if os.environ.get("RANK") == "1":
     import cnnlens.training
-    from cnnlens.cli import StageError
+    from cnnlens.errors import StageError
 
     def broken(self):
         raise StageError("rank 1 broke on purpose")

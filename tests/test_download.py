@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cnnlens import fetch  # noqa: E402
-from cnnlens.cli import StageError  # noqa: E402
+from cnnlens.errors import StageError  # noqa: E402
 
 TEST_ENV_VARS = ("HYMENOPTERA_URL", "WEIGHTS_URL_OVERRIDE", "WEIGHTS_SHA256", "FETCH_RETRY_BASE_DELAY")
 

@@ -96,3 +96,48 @@ def test_functions_are_short():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+def import_graph() -> dict[str, list[str]]:
+    """{library module: the library modules it imports}, every import (top-level or in a function)."""
+    modules = {f"cnnlens.{p.stem}" for p in (ROOT / "cnnlens").glob("*.py") if p.stem != "__init__"}
+    return {
+        m: sorted(d for d in imported_modules(ROOT / (m.replace(".", "/") + ".py")) if d in modules)
+        for m in sorted(modules)
+    }
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    """One cycle of a directed graph as [a, b, ..., a], or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt, path + [nxt])):
+                return found
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state and (found := visit(node, [node])):
+            return found
+    return None
+
+
+def test_find_cycle_finds_one_and_only_one():
+    assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": ["b", "c"], "b": ["c"], "c": []}) is None
+
+
+def test_the_library_has_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle in cnnlens/: " + " -> ".join(cycle)
+
+
+def test_stage_entry_points_are_thin():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "stages").glob("*.py")}
+    long = {name: n for name, n in sizes.items() if n > 150}
+    assert not long, f"stage files over 150 lines (move the work into cnnlens/): {long}"

@@ -4,8 +4,8 @@ import pytest
 import yaml
 from conftest import ROOT, run_stage, write_params
 
-from cnnlens.cli import ParamsError
 from cnnlens.config import load_params, merge, parse_params
+from cnnlens.errors import ParamsError
 
 
 def test_project_params_and_demo_overrides_are_valid():

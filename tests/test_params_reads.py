@@ -72,7 +72,7 @@ def stage_reads(tmp_path_factory, one_thread):
             module = importlib.import_module(argv[2])
             seen = reads.setdefault(name, set())
             fake = lambda path="params.yaml", seen=seen: recording(load(path), seen)
-            mp.setattr(cnnlens.config, "load_params", fake)  # what cnnlens.cli.stage_args calls
+            mp.setattr(cnnlens.config, "load_params", fake)  # what cnnlens.config.stage_args calls
             if hasattr(module, "load_params"):  # download imports it by name
                 mp.setattr(module, "load_params", fake)
             module.main([*argv[3:], "--params", str(params)])

@@ -15,7 +15,7 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from cnnlens import compare, report
-from cnnlens.cli import StageError
+from cnnlens.errors import StageError
 from cnnlens.metrics import classification_metrics
 
 # ---- the page template

@@ -13,8 +13,8 @@ from conftest import TINY_TRAIN, make_weights_dir, run_stage, write_params, writ
 from PIL import Image
 
 from cnnlens import shards
-from cnnlens.cli import StageError
 from cnnlens.config import TrainParams
+from cnnlens.errors import StageError
 from cnnlens.model import build_model
 from cnnlens.shards import ShardedTensor, ShardWriter, resident_budget, write_index
 from cnnlens.tensors import Split, load_split

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, make_prepared, make_weights_dir, run_stage, write_params
 
-from cnnlens.cli import StageError
 from cnnlens.config import TrainParams
+from cnnlens.errors import StageError
 from cnnlens.losses import LOSSES as LOSS_REGISTRY
 from cnnlens.model import build_model, load_backbone, load_checkpoint, probabilities, save_checkpoint
 from cnnlens.tensors import load_split, random_resized_crop
