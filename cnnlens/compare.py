@@ -5,7 +5,7 @@ python -m cnnlens.compare --repo demo --out demo/compare cross_entropy=loss-cros
 Each LOSS=EXPERIMENT pair names a finished `dvc exp run`. From each experiment's commit (read
 through dvc.api, outputs from the local cache) it takes plots/eval/predictions.csv, whose class
 probabilities the evaluate stage computed by that loss's own rule (cnnlens.model.probabilities),
-metrics/saliency.json and plots/saliency/arrays/<method>.npz. Writes to --out:
+plots/saliency/quality.json and plots/saliency/arrays/<method>.npz. Writes to --out:
   comparison.md / comparison.csv  accuracy, balanced accuracy, ECE, log loss (95% bootstrap intervals
                                   over the val images), deletion/insertion AUC and pointing game of
                                   the saliency method (the saliency stage's own intervals), per loss;
@@ -123,7 +123,7 @@ def read_run(repo: Path, rev: str, method: str) -> dict:
         return {
             "loss": yaml.safe_load(read("params.yaml"))["train"]["loss"],
             "predictions": pd.read_csv(io.StringIO(read("plots/eval/predictions.csv"))),
-            "saliency": json.loads(read("metrics/saliency.json")),
+            "saliency": json.loads(read("plots/saliency/quality.json")),
             "maps": torch.from_numpy(arrays["maps"]),
             "inputs": torch.from_numpy(arrays["inputs"]),
             "paths": [str(p) for p in arrays["paths"]],

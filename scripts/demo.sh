@@ -24,23 +24,5 @@ dvc plots show -q --html-template "$template" -o dvc_plots >/dev/null
 python -m cnnlens.report shrink dvc_plots  # 256-colour copies of the page's images: ~8 MB -> < 5 MB
 echo "demo: pipeline done in $(( $(date +%s) - start )) s. Results in demo/: metrics/*.json, plots/, models/;" \
      "open demo/dvc_plots/index.html for all plots." >&2
-python - <<'PY' >&2
-import json
-import os
-import torch
-ev, sal, tr = (json.load(open(f"metrics/{n}.json")) for n in ("eval", "saliency", "train"))
-isa = torch.backends.cpu.get_cpu_capability() + "".join(
-    f", {k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA",) if k in os.environ)
-# this run's numbers only: another CPU (other vector kernels) trains another trajectory
-print(f"this run: val accuracy {ev['accuracy']:.3f} (balanced {ev['balanced_accuracy']:.3f}, "
-      f"ECE {ev['ece']:.3f}), best epoch {tr['best_epoch']} of {tr['last_epoch']['epoch']}, "
-      f"kernels {isa}. A rerun on this machine with the same kernels "
-      "gives the same numbers bit for bit; another CPU gives other numbers (README: Reproducibility).")
-print("saliency (95% CI) vs a random map:")
-for name in [m for m in sal if isinstance(sal[m], dict) and "deletion_auc" in sal[m]]:
-    m = sal[name]
-    cells = [f"{k} {m[k]['mean']:.2f} [{m[k]['low']:.2f}, {m[k]['high']:.2f}]"
-             for k in ("deletion_auc", "insertion_auc", "pointing_game") if k in m]
-    print(f"  {name:>20}: " + ", ".join(cells))
-PY
+python -m cnnlens.results  # the headline: accuracy, best epoch, kernels, saliency quality vs random
 echo "more: (cd demo && dvc metrics show); make compare (the four losses as experiments, side by side)" >&2
