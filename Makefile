@@ -1,35 +1,41 @@
 # Two commands on a fresh machine: `make demo` (offline, synthetic data, whole pipeline) and `make test`.
 PYTHON ?= python3
-VENV := .venv
+# The virtual environment: created here unless it exists; an existing or linked one works too (make VENV=...).
+VENV ?= .venv
 BIN := $(VENV)/bin
+# absolute, for recipes that cd elsewhere (demo/) and for scripts that put it first on PATH
+ABSBIN := $(abspath $(BIN))
 # pip installs the exact versions CI used; `make LOCK= test` resolves the ranges in requirements*.txt instead.
 LOCK ?= requirements-lock.txt
 CONSTRAINT := $(if $(LOCK),-c $(LOCK),)
 
 .PHONY: demo report compare test test-isa lint run lock bench gpu-check clean
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt $(LOCK)
+# The dependencies, then the project itself, editable (pyproject.toml: the package cnnlens only), so
+# `import cnnlens` works in a notebook without PYTHONPATH.
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt $(CONSTRAINT)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
 demo: $(BIN)/.installed build/plots.html
-	bash scripts/demo.sh
+	PATH=$(ABSBIN):$$PATH bash scripts/demo.sh
 
 # The plots-page template: vega, vega-lite and vega-embed inlined (charts draw offline), plots in
-# reading order. Generated (0.9 MB), not committed. Use: dvc plots show|diff --html-template build/plots.html
+# reading order. Generated, not committed. Use: dvc plots show|diff --html-template build/plots.html
 build/plots.html: cnnlens/report.py | $(BIN)/.installed
 	$(BIN)/python -m cnnlens.report template -o $@
 
 # Re-render demo/dvc_plots/index.html with the template (after `make demo`).
 report: build/plots.html
-	cd demo && PATH=$(CURDIR)/$(BIN):$$PATH dvc plots show -q --html-template $(CURDIR)/build/plots.html -o dvc_plots
-	cd demo && $(CURDIR)/$(BIN)/python -m cnnlens.report shrink dvc_plots
+	cd demo && PATH=$(ABSBIN):$$PATH dvc plots show -q --html-template $(CURDIR)/build/plots.html -o dvc_plots
+	cd demo && $(ABSBIN)/python -m cnnlens.report shrink dvc_plots
 
 # The four losses as DVC experiments on the demo settings, then one comparison in demo/compare/.
 compare: build/plots.html
-	bash scripts/compare.sh
+	PATH=$(ABSBIN):$$PATH bash scripts/compare.sh
 
 # Two workers, a test file each at a time (a file's session fixtures are built once): most tests wait on
 # DVC and stage subprocesses (each imports torch), so two of them share 2 cores well.
@@ -43,7 +49,7 @@ test: $(BIN)/.installed
 test-isa: $(BIN)/.installed
 	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 $(PYTEST) -m trajectory tests
 
-# House style (pyproject.toml): formatting and lint; CI runs it after the tests.
+# House style (pyproject.toml): formatting and lint; CI (.ci/run) runs it before the tests.
 lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
@@ -53,18 +59,19 @@ lint: $(BIN)/.installed
 # misspelt top-level key (read by no stage) would otherwise pass unseen.
 run: $(BIN)/.installed
 	$(BIN)/python -m cnnlens.config check params.yaml
-	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
+	PATH=$(ABSBIN):$$PATH dvc repro
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_train.py
 
-# The GPU check (README.md, ## GPU): `make gpu-check` on the GPU box, `make gpu-check GPU_ARGS="--device cpu --tiny"` here.
+# The GPU check (docs/gpu.md): `make gpu-check` on the GPU box, `make gpu-check GPU_ARGS="--device cpu --tiny"` here.
 GPU_ARGS ?= --device cuda
 gpu-check:
 	bash bench/gpu_check.sh $(GPU_ARGS)
 
+# The exact versions of this venv, without the project itself (installed editable: excluded).
 lock: $(BIN)/.installed
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements-lock.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^-e' -e '^cnnlens==' > requirements-lock.txt
 
 clean:
 	rm -rf demo dvc_plots build .pytest_cache

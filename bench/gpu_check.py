@@ -1,4 +1,4 @@
-"""The whole GPU check in one run (bench/gpu_check.sh calls this; see README.md, ## GPU).
+"""The whole GPU check in one run (bench/gpu_check.sh calls this; see docs/gpu.md).
 
     python bench/gpu_check.py --device cuda --data .gpu/hymenoptera_data --out $OUT
     python bench/gpu_check.py --device cpu --tiny          # the CPU dry run

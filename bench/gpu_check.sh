@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check in one run (<= 8 minutes on an H100/H200); see README.md, ## GPU.
+# The whole GPU check in one run (<= 8 minutes on an H100/H200); see docs/gpu.md.
 #   bash bench/gpu_check.sh --device cuda --out "$OUT"      # on the GPU box (.gpu/hymenoptera_data carried)
 #   bash bench/gpu_check.sh --device cpu --tiny             # the CPU dry run
 # Options: --device cuda|cpu (default cuda), --tiny, --data DIR (default .gpu/hymenoptera_data),

@@ -21,7 +21,7 @@ dvc repro
 template="$root/build/plots.html"
 [ -f "$template" ] || python -m cnnlens.report template -o "$template"
 dvc plots show -q --html-template "$template" -o dvc_plots >/dev/null
-python -m cnnlens.report shrink dvc_plots  # 256-colour copies of the page's images: ~8 MB -> < 5 MB
+python -m cnnlens.report shrink dvc_plots  # 256-colour copies of the page's images (sizes: BENCHMARKS.md)
 echo "demo: pipeline done in $(( $(date +%s) - start )) s. Results in demo/: metrics/*.json, plots/, models/;" \
      "open demo/dvc_plots/index.html for all plots." >&2
 python -m cnnlens.results  # the headline: accuracy, best epoch, kernels, saliency quality vs random
