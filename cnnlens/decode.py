@@ -2,20 +2,33 @@
 
 Every file is decoded fully (so truncated and corrupt files are caught here, not mid-training),
 converted to 8-bit RGB whatever its mode, turned upright by its EXIF orientation, and resized.
+`decode_stream` does that for a whole ImageFolder on a thread pool, a bounded number of images at
+a time, so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
 
+import collections
+import io
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageFile, ImageOps
+from tqdm import tqdm
+
+from cnnlens.errors import StageError
+from cnnlens.files import sha256_file
 
 # torchvision's ImageFolder loads exactly these; anything else (e.g. the .gif placeholder in
 # hymenoptera's train/ants) is reported as skipped, as ImageFolder would silently skip it.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# JPEG stores at most 65,535 px a side; anything the resize makes larger cannot be a prepared image
+JPEG_MAX_SIDE = 65_535
 
 
 class BadImage(Exception):
@@ -128,3 +141,116 @@ def stratified_split(files: dict[str, list[Path]], val_fraction: float, seed: in
         val[cls] = sorted(paths[i] for i in order[:n_val])
         train[cls] = sorted(paths[i] for i in order[n_val:])
     return {"train": train, "val": val}
+
+
+def prepare_image(
+    raw: Path, path: Path, mask_path: Path | None, *, side: int, max_pixels: int, max_aspect: float
+):
+    """Decode one file and resize its short side to `side`; returns the manifest record, the resized
+    image as JPEG bytes, the packed centre square (C, H, W uint8) and its mask (or None).
+
+    An image the pipeline cannot store or use (an aspect ratio over `max_aspect`, a resized side
+    over JPEG's limit, a failed encode) is a BadImage, as is one decode_rgb refuses."""
+    img, (w, h) = decode_rgb(path, max_pixels, draft_size=side)
+    ratio = max(img.size) / min(img.size)
+    if ratio > max_aspect:
+        raise BadImage(f"aspect ratio {ratio:.0f}:1 ({w}x{h}) exceeds prepare.max_aspect={max_aspect:g}")
+    resized = resize_short_side(img, side)
+    if max(resized.size) > JPEG_MAX_SIDE:
+        raise BadImage(
+            f"resized to {resized.size[0]}x{resized.size[1]}: over JPEG's {JPEG_MAX_SIDE} px a side"
+        )
+    encoded = io.BytesIO()
+    try:
+        resized.save(encoded, format="JPEG", quality=95)
+    except (OSError, ValueError) as exc:
+        raise BadImage(
+            f"cannot encode the resized {resized.size[0]}x{resized.size[1]} image as JPEG: {exc}"
+        ) from None
+    square = to_chw_uint8(center_square(resized))
+    mask = None
+    if mask_path is not None:
+        m = Image.open(mask_path).convert("L").resize(img.size, Image.NEAREST)
+        mask = (np.asarray(center_square(resize_short_side(m, side, Image.NEAREST))) > 127).astype(np.uint8)
+    record = {
+        "path": path.relative_to(raw).as_posix(),
+        "orig_width": w,
+        "orig_height": h,
+        "sha256": sha256_file(path),
+        "box": mask_box(mask),
+    }
+    return record, encoded.getvalue(), square, mask
+
+
+def mask_box(mask) -> str:
+    """ "x0 y0 x1 y1" (x1, y1 exclusive) around a mask's pixels; "" for no mask or an empty one."""
+    if mask is None or not mask.any():
+        return ""
+    ys, xs = np.nonzero(mask)
+    return f"{xs.min()} {ys.min()} {xs.max() + 1} {ys.max() + 1}"
+
+
+def prepared_name(raw: Path, split: str, cls: str, path: Path) -> str:
+    """<split>/<class>/<path inside the class folder>, plus .jpg unless it already ends so: distinct
+    sources (img.bmp, img.png, sub/img.jpg) stay distinct prepared files."""
+    inside = "/".join(path.relative_to(raw).parts[2:])
+    return f"{split}/{cls}/{inside}" + ("" if inside.endswith(".jpg") else ".jpg")
+
+
+def check_names(raw: Path, jobs: list) -> dict:
+    """{job: prepared name}; two sources that would still share a name are refused, both named."""
+    names, owner = {}, {}
+    for job in jobs:
+        name = prepared_name(raw, *job)
+        if name in owner:
+            first, second = (j[2].relative_to(raw).as_posix() for j in (owner[name], job))
+            raise StageError(f"{raw}: {first} and {second} would both become {name}; rename one of them")
+        owner[name], names[job] = job, name
+    return names
+
+
+def read_annotations(raw: Path) -> dict[str, Path]:
+    """{image path: mask file} from the synthetic source's annotations.csv, if there is one."""
+    csv = raw / "annotations.csv"
+    if not csv.exists():
+        return {}
+    table = pd.read_csv(csv)
+    return {row.path: raw / row.mask for row in table.itertuples() if isinstance(row.mask, str)}
+
+
+def bounded_map(fn, items: list, *, workers: int, depth: int):
+    """fn over items on a thread pool, results in order, at most `depth` submitted and not yet taken:
+    memory holds a few decoded images, however many there are."""
+    pool = ThreadPoolExecutor(workers)  # PIL releases the GIL while decoding and resizing
+    pending = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # a stop (SIGTERM from a dying dvc, Ctrl-C) must not wait for every queued image
+        pool.shutdown(cancel_futures=True)
+
+
+def decode_stream(
+    raw: Path, splits: dict, classes: list[str], *, side: int, max_pixels: int, max_aspect: float
+):
+    """prepare_image over every file of `splits` ({split: {class: [files]}}, scan_imagefolder's), in
+    order: yields (job, result or None, prepared name or the skip reason), job = (split, class, file)."""
+    masks = read_annotations(raw)
+    jobs = [(split, cls, f) for split in ("train", "val") for cls in classes for f in splits[split][cls]]
+    names = check_names(raw, jobs)
+    limits = {"side": side, "max_pixels": max_pixels, "max_aspect": max_aspect}
+
+    def work(job):
+        split, cls, f = job
+        try:
+            return job, prepare_image(raw, f, masks.get(f.relative_to(raw).as_posix()), **limits), names[job]
+        except BadImage as exc:
+            return job, None, str(exc)
+
+    workers = min(32, (os.cpu_count() or 1) + 4)
+    results = bounded_map(work, jobs, workers=workers, depth=4 * workers)
+    yield from tqdm(results, total=len(jobs), desc="prepare", unit="img", leave=False, disable=None)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cnnlens import __version__
 from cnnlens.cli import log
 from cnnlens.errors import StageError
 from cnnlens.files import atomic_path
@@ -31,11 +32,16 @@ from cnnlens.files import atomic_path
 # and set FETCH_RETRY_BASE_DELAY=0 so that retries cost no wall time.
 RETRY_BASE_DELAY = float(os.environ.get("FETCH_RETRY_BASE_DELAY", "1.0"))
 CHUNK = 1 << 16
-USER_AGENT = "resnet-saliency-pipeline/1 (+python urllib)"
+USER_AGENT = f"cnnlens/{__version__} (+python urllib)"
 
-OFFLINE_HINT = (
-    "To work offline: `make demo` uses synthetic data and random init; or set "
-    "data.source / model.weights in params.yaml to a local path."
+# What to do without a network, said once: a failed download ends its message with one of these.
+DATA_HINT = (
+    "To work offline: `make demo` uses synthetic data; or set data.source in params.yaml "
+    "to a local .zip or ImageFolder directory."
+)
+WEIGHTS_HINT = (
+    "To work offline: set model.weights: none (random init, as `make demo` does) or "
+    "model.weights: path/to/state_dict.pth in params.yaml."
 )
 
 
@@ -52,16 +58,18 @@ def download(
     timeout: float = 30,
     retries: int = 3,
     desc: str | None = None,
-    hint: str = OFFLINE_HINT,
+    hint: str = "",
 ) -> dict:
     """Download `url` to `dest`; return {"url", "bytes", "sha256"}.
 
     `expected_sha256` may be a full hex digest or a prefix of at least 8 hex digits (torchvision
     weight files carry one in their name; torch.hub checks it the same way). Only transient
     failures are retried, with exponential back-off; an HTTP 4xx or a wrong size/hash is final.
-    On any failure `dest` is left as it was and no partial file remains.
+    On any failure `dest` is left as it was and no partial file remains; the message ends with
+    `hint` (DATA_HINT, WEIGHTS_HINT: what to do offline).
     """
     dest = Path(dest)
+    hint = f" {hint}" if hint else ""
     if expected_sha256 is not None:
         expected_sha256 = expected_sha256.strip().lower()
         if not re.fullmatch(r"[0-9a-f]{8,64}", expected_sha256):
@@ -75,12 +83,12 @@ def download(
                 got = _fetch_once(
                     url, tmp, timeout=timeout, expected_size=expected_size, desc=desc or dest.name, hint=hint
                 )
-                _verify(url, got, expected_size, expected_sha256, hint)
+                _verify(url, got, expected_size=expected_size, expected_sha256=expected_sha256, hint=hint)
             return got
         except _Transient as exc:
             if attempt == attempts:
                 raise StageError(
-                    f"download of {url} failed after {attempts} attempt(s): {exc}. {hint}"
+                    f"download of {url} failed after {attempts} attempt(s): {exc}.{hint}"
                 ) from None
             delay = RETRY_BASE_DELAY * 2 ** (attempt - 1)
             log(f"{url}: {exc}; retrying in {delay:g}s (attempt {attempt + 1} of {attempts})")
@@ -98,7 +106,7 @@ def _open(url: str, timeout: float, hint: str):
         exc.close()
         if exc.code >= 500 or exc.code in (408, 429):
             raise _Transient(what) from None
-        raise StageError(f"download of {url} failed: {what}; check the URL. {hint}") from None
+        raise StageError(f"download of {url} failed: {what}; check the URL.{hint}") from None
     except urllib.error.URLError as exc:
         raise _Transient(f"cannot connect ({exc.reason}); expected a reachable server") from None
     except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, bad status lines
@@ -116,7 +124,7 @@ def _fetch_once(url, tmp: Path, *, timeout, expected_size, desc, hint) -> dict:
             # The server offers a different file than the one we know; do not fetch it.
             raise StageError(
                 f"download of {url}: expected {expected_size} bytes, the server announces "
-                f"{announced} bytes (Content-Length); the file changed upstream. {hint}"
+                f"{announced} bytes (Content-Length); the file changed upstream.{hint}"
             )
         try:
             with (
@@ -150,18 +158,18 @@ def _fetch_once(url, tmp: Path, *, timeout, expected_size, desc, hint) -> dict:
     return {"url": url, "bytes": done, "sha256": digest.hexdigest()}
 
 
-def _verify(url, got: dict, expected_size, expected_sha256, hint) -> None:
+def _verify(url, got: dict, *, expected_size, expected_sha256, hint) -> None:
     if expected_size is not None and got["bytes"] != expected_size:
         raise StageError(
             f"download of {url}: expected {expected_size} bytes, got {got['bytes']} bytes; "
-            f"the file changed upstream or the transfer was altered. {hint}"
+            f"the file changed upstream or the transfer was altered.{hint}"
         )
     if expected_sha256 is not None and not got["sha256"].startswith(expected_sha256):
         kind = "SHA-256" if len(expected_sha256) == 64 else "SHA-256 prefix"
         raise StageError(
             f"download of {url}: expected {kind} {expected_sha256}, got {got['sha256']} "
             f"({got['bytes']} bytes); the file changed upstream or the transfer was "
-            f"altered. If you trust the new file, pin its hash instead. {hint}"
+            f"altered. If you trust the new file, pin its hash instead.{hint}"
         )
 
 
@@ -187,7 +195,9 @@ def safe_extract_zip(zip_path, dest_dir, *, max_bytes: int) -> Path:
         with atomic_path(dest_dir) as tmp:
             tmp.mkdir()
             for info, parts in plan:
-                _extract_entry(zf, info, tmp.joinpath(*parts), zip_path, budget, max_bytes)
+                _extract_entry(
+                    zf, info, tmp.joinpath(*parts), zip_path=zip_path, budget=budget, max_bytes=max_bytes
+                )
     return dest_dir
 
 
@@ -211,7 +221,7 @@ def _extraction_plan(zf: zipfile.ZipFile, zip_path: Path, max_bytes: int) -> lis
     return plan
 
 
-def _extract_entry(zf, info, target: Path, zip_path: Path, budget: list, max_bytes: int) -> None:
+def _extract_entry(zf, info, target: Path, *, zip_path: Path, budget: list, max_bytes: int) -> None:
     """One entry to `target`, counting its real bytes against budget[0]."""
     try:
         if info.is_dir():
@@ -255,30 +265,3 @@ def _safe_parts(zip_path, name: str) -> list[str]:
     if ".." in parts:
         refuse("path escapes the target directory")
     return parts
-
-
-def find_imagefolder_root(directory) -> Path:
-    """The folder that holds `train/`: `directory` itself or the shallowest one below it.
-
-    Zips often wrap the data in a top folder (hymenoptera_data/train, hymenoptera_data/val).
-    macOS resource folders (__MACOSX) and hidden folders are ignored.
-    """
-    directory = Path(directory)
-    level = [directory]
-    for _ in range(4):  # a few levels deep is plenty; deeper nesting is a different layout
-        for folder in level:
-            if (folder / "train").is_dir():
-                return folder
-        level = sorted(
-            child
-            for folder in level
-            for child in folder.iterdir()
-            if child.is_dir() and not child.name.startswith((".", "__MACOSX"))
-        )
-        if not level:
-            break
-    found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-    raise StageError(
-        f"{directory}: no train/ folder found (top level holds: {', '.join(found[:10]) or 'nothing'}); "
-        "expected an ImageFolder layout train/<class>/<image>, optionally val/<class>/<image>"
-    )

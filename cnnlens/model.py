@@ -15,7 +15,7 @@ from cnnlens.errors import StageError
 from cnnlens.files import atomic_path, load_torch, read_json, save_torch
 from cnnlens.losses import LOSSES
 from cnnlens.tensors import eval_inputs
-from cnnlens.weights import describe_mismatch, head_name
+from cnnlens.weights import backbone_state, describe_mismatch, head_name
 
 # The architectures, one registry (config validates model.arch against it). Any has a last Linear
 # layer as its head and IMAGENET1K_V1 weights in torchvision.
@@ -56,10 +56,7 @@ def load_backbone(model: nn.Module, state: dict, source: str) -> None:
     Every backbone tensor must be present with the right shape: a file for another architecture
     fails here with a clear message instead of training a half-initialised network.
     """
-    head = head_name(model) + "."
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
-    given = {k: v for k, v in state.items() if not k.startswith(head)}
-    problems = describe_mismatch(own, given)
+    given, problems = backbone_state(model, state)
     if problems:
         raise StageError(
             f"{source}: these weights do not fit {type(model).__name__}: {problems}; "

@@ -7,7 +7,7 @@ background (gradient, low-frequency noise, grass, leaves, soil, flowers) with di
 neither class, including dark and yellow blobs, so that no colour statistic of the whole image
 gives the class away: the network has to find the insect and look at its shape and pattern.
 
-Pure library code: nothing here touches the disk (stages/download.py saves what `generate` yields).
+Pure library code: nothing here touches the disk (cnnlens/sources.py saves what `render_png` returns).
 Each sample has its own RNG, seeded by (seed, split, class, index), so a sample does not change
 when the counts of other splits or classes change.
 """
@@ -41,12 +41,10 @@ class Sample:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) bounding box of the mask
 
 
-def counts_from_params(p) -> dict[str, dict[str, int]]:
-    """SyntheticParams -> {"train": {"ants": n, "bees": n}, "val": {...}}."""
-    return {
-        "train": {"ants": p.train_ants, "bees": p.train_bees},
-        "val": {"ants": p.val_ants, "bees": p.val_bees},
-    }
+def counts_from_settings(settings: dict[str, int]) -> dict[str, dict[str, int]]:
+    """{"train_ants": n, "train_bees": n, "val_ants": n, "val_bees": n, ...} (data.synthetic's keys;
+    others are ignored) -> {"train": {"ants": n, "bees": n}, "val": {...}}."""
+    return {split: {cls: settings[f"{split}_{cls}"] for cls in CLASSES} for split in SPLITS}
 
 
 def sample_keys(counts: dict[str, dict[str, int]]) -> list[tuple[str, str, int]]:

@@ -1,21 +1,72 @@
-"""Weights files as data: which tensors a network's backbone needs, and whether a state_dict fits it.
+"""Weights files as data: where the ImageNet weights come from, which tensors a network's backbone
+needs, and whether a state_dict fits it.
 
 Kept apart from model.py so that download_weights, which checks a local weights file, does not depend on
-the model, loss and tensor code: an edit there must not rerun the download stages.
+the model, loss and tensor code: an edit there must not rerun the download stages. torch is imported
+inside the functions that need it, so that download_weights with IMAGENET1K_V1 or none never loads it.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from cnnlens.cli import log
+from cnnlens.errors import ParamsError, StageError
+from cnnlens.files import sha256_file
 
-from cnnlens.errors import StageError
+if TYPE_CHECKING:
+    from torch import nn
+
+RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+RESNET18_BYTES = 46_830_571
+RESNET18_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"
+
+# Test-only overrides (the tests serve fake files on 127.0.0.1; DVC does not track these):
+#   WEIGHTS_URL_OVERRIDE  replaces the IMAGENET1K_V1 URL; WEIGHTS_SHA256, if set, is its hash.
+ENV_WEIGHTS_URL = "WEIGHTS_URL_OVERRIDE"
+ENV_WEIGHTS_SHA256 = "WEIGHTS_SHA256"
+
+
+def imagenet_weights(arch: str) -> tuple[str, int | None, str]:
+    """(url, size or None, full SHA-256 or the hash prefix in the file name) of IMAGENET1K_V1."""
+    if arch == "resnet18":
+        return RESNET18_URL, RESNET18_BYTES, RESNET18_SHA256
+    import torchvision  # slow to import; only needed for the other archs
+
+    try:
+        url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+    except (ValueError, AttributeError) as exc:
+        raise ParamsError(
+            f"model.arch = {arch!r} has no IMAGENET1K_V1 weights in torchvision "
+            f"{torchvision.__version__} ({exc}); use model.weights: none or a local file"
+        ) from None
+    # torchvision names its files <name>-<first hex digits of the SHA-256>.pth (torch.hub checks the same)
+    match = re.search(r"-([a-f0-9]{8,})\.", url.rsplit("/", 1)[-1])
+    if not match:
+        raise StageError(
+            f"{url}: no hash prefix in the file name; cannot verify it. "
+            "Download it yourself and set model.weights to its path."
+        )
+    return url, None, match.group(1)
+
+
+def imagenet_source(arch: str) -> tuple[str, int | None, str | None]:
+    """imagenet_weights(arch), or the test-only override WEIGHTS_URL_OVERRIDE (+ WEIGHTS_SHA256) when set."""
+    if not os.environ.get(ENV_WEIGHTS_URL):
+        return imagenet_weights(arch)
+    url, sha = os.environ[ENV_WEIGHTS_URL], os.environ.get(ENV_WEIGHTS_SHA256) or None
+    log(f"note: {ENV_WEIGHTS_URL} is set: fetching {url}" + ("" if sha else " unverified"))
+    return url, None, sha
 
 
 def head_name(model: nn.Module) -> str:
     """Dotted name of the final Linear layer: `fc` for ResNets, `classifier.N` for MobileNet/EfficientNet."""
+    from torch import nn
+
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
         raise StageError(f"{type(model).__name__} has no Linear layer to use as the classification head")
@@ -40,10 +91,21 @@ def describe_mismatch(expected: dict, given: dict) -> str:
     return ", ".join(parts)
 
 
+def backbone_state(model: nn.Module, state: dict) -> tuple[dict, str]:
+    """(the tensors of `state` outside the model's head, how they differ from the model's own; "" when
+    they fit). The head is left out of the comparison: it is replaced for the new classes anyway."""
+    head = head_name(model) + "."
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+    given = {k: v for k, v in state.items() if not k.startswith(head)}
+    return given, describe_mismatch(own, given)
+
+
 def check_weights_file(path: str | Path, arch: str, key: str = "model.weights") -> int:
     """Check that a local weights file is what initial_model will load: readable with weights_only=True,
     a dict of tensors, every backbone tensor of `arch` present with its shape. Returns the tensor count.
     Fails with one line naming `key` and the file as configured."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for text, corrupt or unsafe files
@@ -63,13 +125,30 @@ def check_weights_file(path: str | Path, arch: str, key: str = "model.weights") 
         )
     import torchvision  # here, not at the top: it takes ~3 s to import, and the data stages never need it
 
-    model = torchvision.models.get_model(arch, weights=None)  # its head is left out of the comparison
-    head = head_name(model) + "."
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
-    problems = describe_mismatch(own, {k: v for k, v in state.items() if not k.startswith(head)})
+    _, problems = backbone_state(torchvision.models.get_model(arch, weights=None), state)
     if problems:
         raise StageError(
             f"{key} = {str(path)!r} does not fit model.arch = {arch}: {problems}; "
             "point model.weights at weights for this architecture, or change model.arch"
         )
     return len(state)
+
+
+def copy_local_weights(path: Path, arch: str, dest: Path) -> dict:
+    """A local state_dict file, checked here (not first in finetune) and copied to `dest`; its weights.json."""
+    if not path.is_file():
+        raise ParamsError(
+            f"model.weights = {str(path)!r} is not allowed: not IMAGENET1K_V1 or none, and no "
+            f"such file (relative paths start at {Path.cwd()}); expected a state_dict .pth"
+        )
+    tensors = check_weights_file(path, arch)
+    shutil.copyfile(path, dest)
+    return {
+        "source": "local",
+        "url": None,
+        "path": str(path.resolve()),
+        "arch": arch,
+        "tensors": tensors,
+        "bytes": dest.stat().st_size,
+        "sha256": sha256_file(dest),
+    }

@@ -1,4 +1,5 @@
-"""stages/download.py end to end (as a subprocess, like dvc runs it) and cnnlens/fetch.py directly.
+"""stages/download.py end to end (as a subprocess, like dvc runs it); cnnlens/fetch.py, sources.py and
+weights.py directly.
 
 Everything "downloaded" is served by a small threaded HTTP server on 127.0.0.1; the expected
 hashes are computed here with hashlib from the bytes the server sends.
@@ -30,7 +31,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cnnlens import fetch  # noqa: E402
+from cnnlens import fetch, sources  # noqa: E402
 from cnnlens.errors import StageError  # noqa: E402
 
 TEST_ENV_VARS = ("HYMENOPTERA_URL", "WEIGHTS_URL_OVERRIDE", "WEIGHTS_SHA256", "FETCH_RETRY_BASE_DELAY")
@@ -357,11 +358,11 @@ def test_safe_extract_and_find_root(tmp_path):
     archive = tmp_path / "good.zip"
     archive.write_bytes(GOOD_ZIP)
     dest = fetch.safe_extract_zip(archive, tmp_path / "out", max_bytes=1 << 20)
-    assert fetch.find_imagefolder_root(dest) == dest / "hymenoptera_data"
+    assert sources.find_imagefolder_root(dest) == dest / "hymenoptera_data"
     for rel, body in FILES.items():
         assert (dest / "hymenoptera_data" / rel).read_bytes() == body
     with pytest.raises(StageError, match="no train/ folder"):
-        fetch.find_imagefolder_root(dest / "hymenoptera_data" / "val")
+        sources.find_imagefolder_root(dest / "hymenoptera_data" / "val")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,12 +450,11 @@ def test_bad_sha256_param(tmp_path):
 
 def test_synthetic(tmp_path):
     from cnnlens import synthetic
-    from cnnlens.config import SyntheticParams
 
     sp = {"image_size": 32, "train_ants": 2, "train_bees": 1, "val_ants": 1, "val_bees": 2}
     proc, out = run_stage(tmp_path, "data", {"seed": 7, "data": {"source": "synthetic", "synthetic": sp}})
     assert proc.returncode == 0, proc.stderr
-    expected = list(synthetic.generate(synthetic.counts_from_params(SyntheticParams(**sp)), 32, 7))
+    expected = list(synthetic.generate(synthetic.counts_from_settings(sp), 32, 7))
     with open(out / "annotations.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(expected) == 6
@@ -547,7 +547,7 @@ def test_weights_local_file(tmp_path):
 
 def test_torchvision_weight_urls_carry_a_hash_prefix():
     pytest.importorskip("torchvision")
-    from stages.download import RESNET18_SHA256, RESNET18_URL, imagenet_weights
+    from cnnlens.weights import RESNET18_SHA256, RESNET18_URL, imagenet_weights
 
     assert imagenet_weights("resnet18") == (RESNET18_URL, 46_830_571, RESNET18_SHA256)
     assert RESNET18_URL.endswith(f"-{RESNET18_SHA256[:8]}.pth")  # torch.hub's naming rule holds
@@ -555,3 +555,32 @@ def test_torchvision_weight_urls_carry_a_hash_prefix():
         url, size, prefix = imagenet_weights(arch)
         assert url.startswith("https://download.pytorch.org/models/") and size is None
         assert len(prefix) >= 8 and url.rsplit("/", 1)[-1].endswith(f"-{prefix}.pth")
+
+
+def test_what_comes_first_and_is_data_or_weights(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model": {"weights": "none"}}))
+    for argv in ([], ["--out", str(tmp_path / "w")], ["models", "--out", str(tmp_path / "w")]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "stages.download", *argv, "--params", str(params)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2 and "data, weights" in proc.stderr, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_fetch_sends_the_project_user_agent(server, tmp_path):
+    import cnnlens
+
+    seen = []
+
+    def handler(h):
+        seen.append(h.headers["User-Agent"])
+        serve(b"x")(h)
+
+    server.routes["/ua"] = handler
+    fetch.download(server.url("/ua"), tmp_path / "ua.bin", retries=0)
+    assert seen == [f"cnnlens/{cnnlens.__version__} (+python urllib)"]

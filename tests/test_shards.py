@@ -14,12 +14,12 @@ from PIL import Image
 
 from cnnlens import shards
 from cnnlens.config import TrainParams
+from cnnlens.decode import bounded_map
 from cnnlens.errors import StageError
 from cnnlens.model import build_model
 from cnnlens.shards import ShardedTensor, ShardWriter, resident_budget, write_index
 from cnnlens.tensors import Split, load_split
 from cnnlens.training import configure, place, train
-from stages.prepare import bounded_map
 
 
 def random_split(n, side, seed, split="train", separable=True) -> Split:

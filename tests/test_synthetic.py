@@ -1,5 +1,6 @@
 """The synthetic ants/bees generator: seeded, exact masks, and no colour shortcut."""
 
+import dataclasses
 import time
 
 import numpy as np
@@ -44,10 +45,12 @@ def test_a_sample_does_not_depend_on_the_other_counts():
 
 
 def test_counts_order_and_types_are_as_asked():
-    params = SyntheticParams(image_size=48, train_ants=3, train_bees=5, val_ants=2, val_bees=1)
-    counts = synthetic.counts_from_params(params)
+    settings = dataclasses.asdict(
+        SyntheticParams(image_size=48, train_ants=3, train_bees=5, val_ants=2, val_bees=1)
+    )
+    counts = synthetic.counts_from_settings(settings)
     assert counts == {"train": {"ants": 3, "bees": 5}, "val": {"ants": 2, "bees": 1}}
-    samples = _samples(counts, size=params.image_size)
+    samples = _samples(counts, size=settings["image_size"])
     got = [(s.split, s.class_name, s.index) for s in samples]
     want = [
         (split, cls, i)
