@@ -60,8 +60,16 @@ def skipped_images(raw: Path, results: list, policy: str) -> list[dict]:
     return skipped
 
 
-def check_classes(splits, classes, raw, *, after=""):
-    """Refuse fewer than 2 classes, or a class missing or empty in a split."""
+def skipped_lines(skipped: list[dict], listing: Path, shown: int = 20) -> str:
+    """The first `shown` skipped files, one line each, then how many more and where all are listed."""
+    lines = "".join(f"\n  skipped {s['path']}: {s['reason']}" for s in skipped[:shown])
+    more = len(skipped) - shown
+    return lines + (f"\n  ... and {more} more (every skipped file: {listing})" if more > 0 else "")
+
+
+def check_classes(splits, classes, raw, *, after="", val_from_train=None):
+    """Refuse fewer than 2 classes, or a class missing or empty in a split. With `val_from_train`
+    (the val_fraction that split train), an empty val class is a train folder too small to split."""
     where = f" {after}" if after else ""
     if len(classes) < 2:
         raise StageError(
@@ -73,6 +81,12 @@ def check_classes(splits, classes, raw, *, after=""):
             if cls not in splits[split]:
                 raise StageError(
                     f"{raw}: class '{cls}' is missing from {split}/; every class must be in both splits"
+                )
+            if not splits[split][cls] and split == "val" and val_from_train is not None:
+                n = len(splits["train"][cls])
+                raise StageError(
+                    f"{raw / 'train' / cls}: {n} image(s){where}, too few to split off a val image (no val/ "
+                    f"folder; prepare.val_fraction={val_from_train}); add images, or a val/ folder beside train/"
                 )
             if not splits[split][cls]:
                 raise StageError(
@@ -89,11 +103,12 @@ def main(argv=None):
             "(run `dvc repro download_data` or check data.source)"
         )
     splits = scan_imagefolder(args.raw)
-    if "val" not in splits:
+    val_from_train = None if "val" in splits else pp.val_fraction
+    if val_from_train is not None:
         splits = stratified_split(splits["train"], pp.val_fraction, p.seed)
         log(f"prepare: no val/ folder, split train by val_fraction={pp.val_fraction} (seed {p.seed})")
     classes = sorted(set(splits["train"]) | set(splits["val"]))
-    check_classes(splits, classes, args.raw)
+    check_classes(splits, classes, args.raw, val_from_train=val_from_train)
     # all or nothing, the report last: a failed stage never leaves fresh metrics beside stale outs
     with atomic_outputs(args.out, args.report) as (out, report_tmp):
         results = decode_stream(
@@ -111,23 +126,23 @@ def main(argv=None):
             args.raw,
             after="after skipping bad images",
         )
+        # the headline only: per-class counts and every skipped file live beside the data
         report = {
             "classes": len(classes),
             "train_images": sum(counts["train"].values()),
             "val_images": sum(counts["val"].values()),
             "skipped": len(skipped),
-            "per_class": counts,
-            "skipped_files": skipped,
         }
         pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
         (out / "classes.json").write_text(json.dumps(classes) + "\n")
+        (out / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
         pd.DataFrame(skipped, columns=["path", "split", "class", "reason"]).to_csv(
             out / "skipped.csv", index=False
         )
         write_json(report_tmp, report)
     log(
         f"prepare: {report['train_images']} train / {report['val_images']} val images, {len(classes)} classes, "
-        f"{len(skipped)} skipped" + "".join(f"\n  skipped {s['path']}: {s['reason']}" for s in skipped)
+        f"{len(skipped)} skipped" + skipped_lines(skipped, args.out / "skipped.csv")
     )
 
 

@@ -75,7 +75,8 @@ def test_skip_policy_reports_every_bad_file_and_converts_modes(tmp_path):
     proc = prepare(tmp_path, tmp_path / "raw")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "data.json").read_text())
-    reasons = {s["path"].split("/")[-1]: s["reason"] for s in report["skipped_files"]}
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv").to_dict("records")
+    reasons = {s["path"].split("/")[-1]: s["reason"] for s in skipped}
     assert set(reasons) == bad
     assert "empty" in reasons["zero.jpg"] and "decompression bomb" in reasons["bomb.png"]
     assert "not an image type" in reasons["notes.txt"] and "cannot decode" in reasons["truncated.jpg"]
@@ -140,9 +141,9 @@ def test_no_val_folder_gives_a_stratified_seeded_split(tmp_path):
             Image.new("RGB", (40, 40), (i, 9, 9)).save(tmp_path / "raw" / "train" / cls / f"{i}.png")
     proc = prepare(tmp_path, tmp_path / "raw", val_fraction=0.2)
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((tmp_path / "data.json").read_text())
-    assert report["per_class"]["val"] == {"ants": 2, "bees": 4}
-    assert report["per_class"]["train"] == {"ants": 8, "bees": 16}
+    counts = json.loads((tmp_path / "out" / "counts.json").read_text())
+    assert counts["val"] == {"ants": 2, "bees": 4}
+    assert counts["train"] == {"ants": 8, "bees": 16}
 
 
 @needs_real_data
@@ -161,6 +162,34 @@ def test_real_hymenoptera(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "data.json").read_text())
     assert (report["train_images"], report["val_images"]) == (244, 153)
-    assert [s["path"] for s in report["skipped_files"]] == ["train/ants/imageNotFound.gif"]
+    assert pd.read_csv(tmp_path / "out" / "skipped.csv").path.tolist() == ["train/ants/imageNotFound.gif"]
     val = load_split(tmp_path / "out", "val")
     assert val.images.shape == (153, 3, 64, 64) and int(val.labels.sum()) == 83  # 83 bees
+
+
+def test_many_bad_files_are_summarised_and_listed_in_full_in_skipped_csv(tmp_path):
+    """10,000 bad files once printed 10,000 log lines and a 1.4 MB metrics file."""
+    for split in ("train", "val"):
+        for cls in ("ants", "bees"):
+            (tmp_path / "raw" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 40)).save(tmp_path / "raw" / split / cls / "good.png")
+    for i in range(300):
+        (tmp_path / "raw" / "train" / "bees" / f"bad{i:03d}.jpg").write_bytes(b"")
+    proc = prepare(tmp_path, tmp_path / "raw")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stderr.splitlines()) < 30, proc.stderr
+    assert "and 280 more" in proc.stderr and "skipped.csv" in proc.stderr
+    report = json.loads((tmp_path / "data.json").read_text())
+    assert report == {"classes": 2, "train_images": 2, "val_images": 2, "skipped": 300}
+    assert len(pd.read_csv(tmp_path / "out" / "skipped.csv")) == 300
+
+
+def test_a_train_only_class_too_small_to_split_names_the_train_folder(tmp_path):
+    for cls in ("ants", "bees"):
+        (tmp_path / "raw" / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 40)).save(tmp_path / "raw" / "train" / cls / "only.png")
+    proc = prepare(tmp_path, tmp_path / "raw")
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "raw/val/" not in line, line  # there is no val/ folder to point at
+    assert f"{tmp_path / 'raw' / 'train' / 'ants'}: 1 image" in line and "val_fraction" in line, line
