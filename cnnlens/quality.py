@@ -6,7 +6,7 @@
 - cascading model randomisation (Adebayo et al. 2018, "Sanity checks for saliency maps"): a map
   that hardly changes when the weights are destroyed does not explain the trained model.
 - pointing game and mass inside the object mask, when object masks exist (synthetic data).
-- bootstrap confidence intervals for every mean.
+- bootstrap confidence intervals for every mean (scipy.stats.bootstrap).
 
 Maps here are "combined" maps, N x H x W (an N x C x H x W map is combined by the max over
 channels first, as in cnnlens.tensors.combine_channels). Pure library code: no disk I/O.
@@ -19,6 +19,7 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
@@ -145,31 +146,17 @@ def center_prior_maps(n: int, h: int, w: int, sigma_frac: float = 0.25) -> Tenso
     return g.expand(n, h, w).clone()
 
 
-def _average_ranks(v: Tensor) -> Tensor:
-    """Ranks 0..n-1 of a 1-D tensor, ties sharing their average rank (as scipy's rankdata)."""
-    sorted_v, order = torch.sort(v)
-    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)
-    avg = ends - (counts.to(torch.float64) + 1) / 2  # mean of the 0-based positions of each tie group
-    ranks = torch.empty_like(v, dtype=torch.float64)
-    ranks[order] = avg[inverse]
-    return ranks
-
-
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of each row pair (N x ... flattened per row), N values.
+    """Spearman rank correlation of each row pair (N x ... flattened per row), N values (float64).
 
-    Pearson correlation of average ranks, like scipy.stats.spearmanr. Where a map is constant
-    the correlation is undefined (scipy: nan); here it is 0, since such a map ranks nothing.
+    scipy.stats.spearmanr per row. Where a map is constant the correlation is undefined (scipy: nan
+    and a warning); here it is 0, since such a map ranks nothing.
     """
-    a, b = a.detach().flatten(1), b.detach().flatten(1)
+    a, b = a.detach().flatten(1).cpu().numpy(), b.detach().flatten(1).cpu().numpy()
     out = torch.zeros(a.shape[0], dtype=torch.float64)
     for i in range(a.shape[0]):
-        ra, rb = _average_ranks(a[i].cpu()), _average_ranks(b[i].cpu())
-        ra, rb = ra - ra.mean(), rb - rb.mean()
-        den = torch.sqrt((ra * ra).sum() * (rb * rb).sum())
-        if den > 0:
-            out[i] = (ra * rb).sum() / den
+        if a[i].min() < a[i].max() and b[i].min() < b[i].max():
+            out[i] = float(stats.spearmanr(a[i], b[i]).statistic)
     return out
 
 
@@ -290,21 +277,26 @@ def mass_inside(maps: Tensor, masks: Tensor) -> Tensor:
 def bootstrap_ci(values, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
     """Mean and percentile-bootstrap (1 - alpha) interval of the mean: dict(mean, low, high, n).
 
-    Resamples the values with replacement n_resamples times (numpy Generator seeded with `seed`).
-    No values: all NaN, n = 0.
+    scipy.stats.bootstrap, method "percentile": n_resamples resamples with replacement from a numpy
+    Generator seeded with `seed`, drawn in batches of a few million indices. One value: the interval
+    is that value. No values: all NaN, n = 0.
     """
     v = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64).ravel()
     if v.size == 0:
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    per_chunk = max(1, 4_000_000 // v.size)  # bound the index matrix to a few million entries
-    means = np.concatenate(
-        [
-            v[rng.integers(0, v.size, size=(min(per_chunk, n_resamples - s), v.size))].mean(axis=1)
-            for s in range(0, n_resamples, per_chunk)
-        ]
-    )
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    low = high = v[0]  # scipy needs two values; every resample of one value is that value
+    if v.size > 1:
+        ci = stats.bootstrap(
+            (v,),
+            np.mean,
+            n_resamples=n_resamples,
+            batch=max(1, 4_000_000 // v.size),  # bound the index matrix to a few million entries
+            vectorized=True,
+            confidence_level=1 - alpha,
+            method="percentile",
+            random_state=np.random.default_rng(seed),
+        ).confidence_interval
+        low, high = ci.low, ci.high
     return {"mean": float(v.mean()), "low": float(low), "high": float(high), "n": int(v.size)}
 
 
