@@ -1,19 +1,23 @@
-"""Matplotlib figures. Functions return figures; stages save them with save_figure."""
+"""Matplotlib figures. Functions return figures (stages save them with save_figure); the write_*
+functions write a stage's figures and the plot data that goes with them."""
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: stages run under DVC, CI and on GPU machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from cnnlens.files import atomic_path  # noqa: E402
+from cnnlens.files import atomic_path, unique_stems  # noqa: E402
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
@@ -26,6 +30,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
 def image_grid(
     images: list[np.ndarray],
     titles: list[str],
+    *,
     cols: int = 4,
     size: float = 2.6,
     suptitle: str = "",
@@ -62,6 +67,7 @@ def feature_maps_figure(
     image: np.ndarray,
     maps: np.ndarray,
     labels: list[str],
+    *,
     suptitle: str = "",
     image_label: str = "input image",
     cols: int | None = None,
@@ -83,7 +89,7 @@ def feature_maps_figure(
     grid.show(0, 0, image)
     grid.title(0, 0, image_label, fontsize=7, fontweight="bold")
     for i, (m, label) in enumerate(zip(maps, labels), start=1):
-        grid.show(i // cols, i % cols, m, "viridis")
+        grid.show(i // cols, i % cols, m, cmap="viridis")
         grid.title(i // cols, i % cols, label, fontsize=7)
     grid.colorbar("viridis", ["lowest\nin map", "highest\nin map"])
     if suptitle:
@@ -91,7 +97,7 @@ def feature_maps_figure(
     return grid.done()
 
 
-def layer_stats_figure(layers: list[str], sparsity: list[float], mean: list[float], title: str = ""):
+def layer_stats_figure(layers: list[str], sparsity: list[float], mean: list[float], *, title: str = ""):
     """Two bar charts side by side: the fraction of exact-zero activations and the mean activation per layer."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
     x = np.arange(len(layers))
@@ -141,7 +147,7 @@ class _Panels:
 
     DPI = 100
 
-    def __init__(self, rows: int, cols: int, size: float, title_h: float, top: float, bar: bool = True):
+    def __init__(self, rows: int, cols: int, size: float, *, title_h: float, top: float, bar: bool = True):
         pad, self.gap, right = 0.1, 0.15, (0.95 if bar else 0.1)
         self.size, self.title_h, self.top, self.pad = size, title_h, top, pad
         self.width = pad + cols * size + (cols - 1) * self.gap + right
@@ -157,9 +163,11 @@ class _Panels:
             0.14,
             bar_h,
         )
-        self.bar_ax = self.fig.add_axes(self._fraction(*box)) if bar else None
+        self.bar_ax = self.fig.add_axes(self._fraction(box)) if bar else None
 
-    def _fraction(self, x, y, w, h):
+    def _fraction(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """(x, y, w, h) in inches -> in fractions of the figure."""
+        x, y, w, h = box
         return (x / self.width, y / self.height, w / self.width, h / self.height)
 
     def _origin(self, r: int, c: int) -> tuple[float, float]:
@@ -168,7 +176,7 @@ class _Panels:
             self.size + self.title_h
         )
 
-    def show(self, r: int, c: int, arr: np.ndarray, cmap: str | None = None) -> None:
+    def show(self, r: int, c: int, arr: np.ndarray, *, cmap: str | None = None) -> None:
         """Paint an H x W x 3 image in [0,1], or an H x W map in [0,1] through `cmap`, into panel (r, c)."""
         arr = np.asarray(arr, dtype=float)
         if arr.ndim == 2:
@@ -232,7 +240,7 @@ def saliency_figure(
     panels.append(("overlay on the input\n(bright colour = salient)", heat_overlay(image, combined), False))
     grid = _Panels(1, len(panels), size, title_h=0.4, top=0.12 + 0.17 * (title.count("\n") + 1))
     for c, (label, arr, is_map) in enumerate(panels):
-        grid.show(0, c, arr, HEAT_CMAP if is_map else None)
+        grid.show(0, c, arr, cmap=HEAT_CMAP if is_map else None)
         grid.title(0, c, label, fontsize=7.5)
     _heat_colorbar(grid, scale)
     grid.suptitle(title, fontsize=9)
@@ -272,7 +280,7 @@ def saliency_rows_figure(
         grid.show(i, 0, images[i])
         grid.title(i, 0, row_titles[i], fontsize=7)
         for c, (header, maps, overlay, cell_titles) in enumerate(columns, start=1):
-            grid.show(i, c, heat_overlay(images[i], maps[i]) if overlay else maps[i], HEAT_CMAP)
+            grid.show(i, c, heat_overlay(images[i], maps[i]) if overlay else maps[i], cmap=HEAT_CMAP)
             grid.title(i, c, header if cell_titles is None else f"{header}\n{cell_titles[i]}", fontsize=7)
     if any(not overlay for _, _, overlay, _ in columns):
         _heat_colorbar(grid, scale)
@@ -306,6 +314,7 @@ def layer_summary_figure(
     images: list[np.ndarray],
     maps: list[np.ndarray],
     row_labels: list[str],
+    *,
     map_labels: list[list[str]],
     suptitle: str = "",
     size: float = 1.1,
@@ -319,12 +328,105 @@ def layer_summary_figure(
         grid.show(r, 0, image)
         grid.title(r, 0, label, fontsize=6.5, fontweight="bold")
         for c, (m, map_label) in enumerate(zip(row, labels), start=1):
-            grid.show(r, c, m, "viridis")
+            grid.show(r, c, m, cmap="viridis")
             grid.title(r, c, map_label, fontsize=6.5)
     grid.colorbar("viridis", ["lowest\nin map", "highest\nin map"])
     if suptitle:
         grid.suptitle(suptitle, fontsize=8.5)
     return grid.done()
+
+
+# ---- the activations stage's outputs
+
+COMPACT_MAPS = (
+    8  # maps per image in the per-layer figure: enough to see the kind of feature, small on the page
+)
+
+
+def activation_grid_figure(
+    image: np.ndarray, top, *, max_maps: int, layer: str, title: str, image_label: str
+):
+    """One image's maps of one layer: its top max_maps by mean activation (top: hooks.TopMaps, highest
+    first, each min-max scaled), after the input image (H x W x 3 in [0, 1])."""
+    c, h, w = top.shape
+    maps = top.maps[:max_maps]
+    labels = [
+        f"#{r + 1}: channel {ch}\nmean {m:.3g}"
+        for r, (ch, m) in enumerate(zip(top.channels, top.means[: len(maps)]))
+    ]
+    return feature_maps_figure(
+        image,
+        maps,
+        labels,
+        image_label=image_label,
+        suptitle=f"{title}\nlayer {layer}: {c} feature maps of {h} x {w} pixels - top {len(maps)} of {c} maps by "
+        "mean activation,\neach scaled to its own min-max (dark = lowest, bright = highest value in that "
+        "map; not comparable across maps)",
+    )
+
+
+def write_activation_grids(
+    out: Path, records, *, chosen, classes: list[str], input_size: int, max_maps: int
+) -> dict:
+    """<out>/grids/<image>/<layer>.png for the chosen images (a split: paths, labels), from `records`:
+    per image, in order, (de-normalised input 3 x H x W, class probabilities, {layer: hooks.TopMaps}).
+    Returns the rows of the compact per-layer figures (write_layer_figures)."""
+    folders, compact = unique_stems(chosen.paths), {}
+    bar = tqdm(
+        records, total=len(chosen.paths), desc="activation grids", unit="image", leave=False, disable=None
+    )
+    for i, (shown, proba, layers) in enumerate(bar):
+        (out / "grids" / folders[i]).mkdir(parents=True)  # only images: one DVC image plot
+        truth, guess = classes[int(chosen.labels[i])], classes[int(proba.argmax())]
+        image = chw_to_hwc(shown)
+        for layer, top in layers.items():
+            figure = activation_grid_figure(
+                image,
+                top,
+                max_maps=max_maps,
+                layer=layer,
+                title=f"{chosen.paths[i].split('/')[-1]}  (true: {truth}, predicted: {guess})",
+                image_label=f"input {input_size}x{input_size} (centre crop)\npredicted {guess}, p={proba.max():.2f}",
+            )
+            save_figure(figure, out / "grids" / folders[i] / f"{layer}.png")
+            n = min(COMPACT_MAPS, len(top.maps))
+            labels = [f"ch {ch}, mean {m:.2g}" for ch, m in zip(top.channels[:n], top.means[:n])]
+            compact.setdefault(layer, []).append(
+                (image, top.maps[:n], f"{folders[i]}: {truth}, predicted {guess}", labels)
+            )
+    return compact
+
+
+def write_layer_figures(out: Path, compact: dict, *, arch: str) -> None:
+    """<out>/layers/<layer>.png: every chosen image's top maps of that layer in one small figure."""
+    (out / "layers").mkdir()
+    for layer, kept in compact.items():
+        images, maps, labels, map_labels = (list(col) for col in zip(*kept))
+        c, h, w = kept[0][1].shape
+        title = f"{arch} {layer}: top {c} maps by mean activation per image ({h} x {w} pixels each, own min-max scale)"
+        save_figure(
+            layer_summary_figure(images, maps, labels, map_labels=map_labels, suptitle=title),
+            out / "layers" / f"{layer}.png",
+        )
+
+
+def write_layer_statistics(out: Path, stats: dict, *, arch: str, n_images: int) -> None:
+    """<out>/sparsity.csv (layer, sparsity, mean: the plots page's bar chart) and sparsity.png."""
+    table = pd.DataFrame(
+        {
+            "layer": list(stats),
+            "sparsity": [s["sparsity"] for s in stats.values()],
+            "mean": [s["mean"] for s in stats.values()],
+        }
+    )
+    table.to_csv(out / "sparsity.csv", index=False)
+    figure = layer_stats_figure(
+        table["layer"].tolist(),
+        table["sparsity"].tolist(),
+        table["mean"].tolist(),
+        title=f"{arch} activations over {n_images} val images",
+    )
+    save_figure(figure, out / "sparsity.png")
 
 
 # ---- comparing losses (cnnlens/compare.py)
@@ -361,7 +463,7 @@ def saliency_by_loss_figure(
         grid.show(r, 0, image)
         grid.title(r, 0, row_labels[r][:24], fontsize=7)
         for c, (loss, m) in enumerate(maps.items(), start=1):
-            grid.show(r, c, m[r].numpy(), HEAT_CMAP)
+            grid.show(r, c, m[r].numpy(), cmap=HEAT_CMAP)
             grid.title(r, c, loss if r == 0 else "", fontsize=8, fontweight="bold")
     grid.colorbar(
         HEAT_CMAP, ["0", f"{scale:.2g}\nand above"], f"|{method}|, max over R, G, B (one scale for all)"
