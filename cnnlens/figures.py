@@ -18,6 +18,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cnnlens.files import atomic_path, unique_stems  # noqa: E402
+from cnnlens.tensors import combine_channels, denormalize, normalize_maps  # noqa: E402
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
@@ -220,6 +221,7 @@ def saliency_figure(
     image: np.ndarray,
     channel_maps: np.ndarray,
     combined: np.ndarray,
+    *,
     title: str,
     method: str,
     scale: str,
@@ -255,6 +257,7 @@ def saliency_rows_figure(
     images: list[np.ndarray],
     columns: list[tuple],
     row_titles: list[str],
+    *,
     suptitle: str,
     scale: str,
     size: float = 1.8,
@@ -334,6 +337,145 @@ def layer_summary_figure(
     if suptitle:
         grid.suptitle(suptitle, fontsize=8.5)
     return grid.done()
+
+
+# ---- the saliency stage's outputs
+
+
+def display_maps(maps, mode: str, percentile: float) -> tuple:
+    """|maps| (N x C x H x W tensor) scaled to [0, 1] per image for the figures: (channels, combined).
+
+    channels: N x C x H x W, one scale shared by an image's channels, so R, G and B panels can be
+    compared; combined: N x H x W, the max over channels, scaled on its own.
+    """
+    m = maps.detach().abs().float().cpu()
+    return (
+        normalize_maps(m, mode, percentile, per_channel=False),
+        normalize_maps(combine_channels(m), mode, percentile),
+    )
+
+
+def labelled_images(shown, classes: list[str]) -> tuple[list[np.ndarray], list[str]]:
+    """The shown images (x, paths, labels, pred, prob, as quality.Predicted holds them) de-normalised
+    for the figures, and one title each: path, true and predicted class."""
+    images = [chw_to_hwc(im) for im in denormalize(shown.x.cpu())]
+    titles = [
+        f"{path}\ntrue {classes[int(t)]}, predicted {classes[int(g)]} (p={pr:.2f})"
+        for path, t, g, pr in zip(shown.paths, shown.labels, shown.pred, shown.prob.tolist())
+    ]
+    return images, titles
+
+
+def write_method(
+    out: Path,
+    name: str,
+    *,
+    maps,
+    shown,
+    label: str,
+    description: str,
+    note: str,
+    images: list[np.ndarray],
+    titles: list[str],
+    normalize: str,
+    percentile: float,
+) -> None:
+    """<out>/arrays/<name>.npz (raw maps, inputs, target, paths), figures/<name>/<stem>.png per image
+    (input, |map| per channel, combined, overlay) and figures/<name>.png (all images in rows).
+    maps: the raw maps of the `shown` images (quality.Predicted); images and titles: labelled_images();
+    normalize and percentile: the display scale (display_maps).
+
+    Figures and arrays live apart so figures/ holds only images: dvc.yaml declares it as one image plot."""
+    (out / "figures" / name).mkdir(parents=True)
+    (out / "arrays").mkdir(exist_ok=True)
+    np.savez(
+        out / "arrays" / f"{name}.npz",
+        maps=maps.numpy().astype(np.float32),
+        target=shown.pred.numpy(),
+        inputs=shown.x.cpu().numpy().astype(np.float32),
+        paths=np.array(shown.paths),
+    )
+    channels, combined = display_maps(maps, normalize, percentile)
+    scale = scale_label(normalize, percentile)
+    for i, stem in enumerate(unique_stems(shown.paths)):
+        figure = saliency_figure(
+            images[i],
+            channels[i].numpy(),
+            combined[i].numpy(),
+            title=f"{label} ({description})\n{titles[i]}",
+            method=label,
+            scale=scale,
+            map_note=note,
+        )
+        save_figure(figure, out / "figures" / name / f"{stem}.png")
+    columns = [
+        (f"{label} map\n({note})", combined.numpy(), False, None),
+        ("overlay (colour = salient)", combined.numpy(), True, None),
+    ]
+    suptitle = f"{label} saliency for each image's predicted class\n({description})"
+    save_figure(
+        saliency_rows_figure(images, columns, titles, suptitle=suptitle, scale=scale),
+        out / "figures" / f"{name}.png",
+    )
+
+
+def before_after_figure(
+    columns: list[tuple],
+    *,
+    arch: str,
+    source: str | None,
+    classes: list[str],
+    images: list[np.ndarray],
+    titles: list[str],
+    normalize: str,
+    percentile: float,
+):
+    """The same images explained by the untuned network (where finetune starts) and by the fine-tuned
+    one, each for its own predicted class. columns: (header, raw maps N x C x H x W, predicted class N,
+    its probability N); images, titles, normalize, percentile: as write_method's; source: where
+    the untuned weights came from (weights.json's source; "none" = random init)."""
+    shown = [
+        (
+            header,
+            display_maps(maps, normalize, percentile)[1].numpy(),
+            False,
+            [f"predicts {classes[int(c)]} (p={q:.2f})" for c, q in zip(pred, prob.tolist())],
+        )
+        for header, maps, pred, prob in columns
+    ]
+    origin = (
+        "random init, model.weights: none" if source == "none" else f"{source} weights + a new random head"
+    )
+    return saliency_rows_figure(
+        images,
+        shown,
+        titles,
+        suptitle=f"Before vs after fine-tuning: the untuned {arch} "
+        f"({origin}) vs the fine-tuned model,\neach explaining its own predicted class",
+        scale=scale_label(normalize, percentile),
+    )
+
+
+def randomization_title(n: int, skipped: list[str]) -> str:
+    """The randomisation figure's title: n images checked; `skipped` the labels of the methods not run."""
+    title = (
+        f"Model-randomisation check on {n} val images: layers re-initialised one after another;\n"
+        "a map that explains the model should fall towards 0"
+    )
+    return title + (f" (not run on this CPU, too costly: {', '.join(skipped)})" if skipped else "")
+
+
+def write_randomization(out: Path, curves: dict, *, labels: dict, images: int, skipped: list[str]) -> None:
+    """<out>/randomization.csv, one column per method so DVC draws one line per method, and
+    figures/randomization.png. curves: {method: [(layer, rho), ...]}; labels: {method: figure label}."""
+    first = next(iter(curves.values()))
+    table = pd.DataFrame({"step": range(len(first)), "layer": [layer for layer, _ in first]})
+    for name, curve in curves.items():
+        table[name] = [rho for _, rho in curve]
+    table.to_csv(out / "randomization.csv", index=False)
+    title = randomization_title(images, [labels[k] for k in skipped])
+    figure = randomization_figure({labels[k]: c for k, c in curves.items()}, title)
+    save_figure(figure, out / "figures" / "randomization.png")
 
 
 # ---- the activations stage's outputs
@@ -432,7 +574,7 @@ def write_layer_statistics(out: Path, stats: dict, *, arch: str, n_images: int) 
 # ---- comparing losses (cnnlens/compare.py)
 
 
-def tradeoff_figure(table, method: str, x: str = "accuracy", y: str = "pointing_game"):
+def tradeoff_figure(table, method: str, *, x: str = "accuracy", y: str = "pointing_game"):
     """One point per row of `table` (a loss) at (x, y) with its 95% interval bars both ways;
     falls back to insertion AUC when the data has no object masks (no pointing game)."""
     y = y if y in table.columns else "insertion_auc"
