@@ -57,7 +57,7 @@ def main():
     for name, stage in stages.items():
         report["stages"][name] = timed(shlex.split(stage["cmd"]), args.demo, env)
         print(f"{name}: {report['stages'][name]}", file=sys.stderr, flush=True)
-    saliency = args.demo / "metrics" / "saliency.json"
+    saliency = args.demo / "plots" / "saliency" / "quality.json"  # every number; metrics/: the headline
     if saliency.exists():
         s = json.loads(saliency.read_text())
         report["saliency_seconds_per_image"] = {

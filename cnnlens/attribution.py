@@ -25,7 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnlens.errors import ParamsError
-from cnnlens.tensors import MEAN, STD, combine_channels, normalize_maps
+from cnnlens.tensors import MEAN, STD
+
+# The methods' default settings (the pipeline's own are saliency.* in params.yaml).
+SMOOTHGRAD_SIGMA = 0.15
+SMOOTHGRAD_SAMPLES = 25
+IG_STEPS = 32
 
 
 def _target(target, n: int, device) -> Tensor:
@@ -65,8 +70,8 @@ def smoothgrad(
     inputs: Tensor,
     target,
     *,
-    sigma: float = 0.15,
-    samples: int = 25,
+    sigma: float = SMOOTHGRAD_SIGMA,
+    samples: int = SMOOTHGRAD_SAMPLES,
     generator: torch.Generator | None = None,
     seed: int | None = None,
     batch_size: int = 64,
@@ -132,7 +137,7 @@ def integrated_gradients(
     inputs: Tensor,
     target,
     *,
-    steps: int = 32,
+    steps: int = IG_STEPS,
     baseline: Tensor | None = None,
     batch_size: int = 64,
     **kw,
@@ -165,7 +170,7 @@ def integrated_gradients(
 
 @torch.no_grad()
 def ig_completeness_error(
-    model: nn.Module, inputs: Tensor, baseline: Tensor | None, attributions: Tensor, target
+    model: nn.Module, inputs: Tensor, target, *, attributions: Tensor, baseline: Tensor | None = None
 ) -> dict:
     """How far IG is from its completeness axiom: sum(attr) = f(x) - f(baseline), per image.
 
@@ -236,59 +241,67 @@ def gradcam(
 @dataclass(frozen=True)
 class Method:
     """A method and its facts, as captum bundles them: what config validates, the stage runs and
-    the figures and metrics describe. Each callable takes SaliencyParams."""
+    the figures and metrics describe. `describe`, `passes` and `kwargs` take the method settings as
+    keyword arguments (smoothgrad_sigma, smoothgrad_samples, ig_steps, and batch_size for kwargs);
+    each ignores the ones it does not use and falls back to the defaults above for missing ones."""
 
     fn: Callable  # (model, inputs, target, **kwargs) -> N x C x H x W (Grad-CAM: N x 1 x H x W)
     label: str  # for figure titles
     describe: Callable[..., str]  # one line on what the map is
     passes: Callable[..., int]  # forward passes per image; each has one backward pass too
     cost: str  # the passes, in words
-    kwargs: Callable[..., dict] = lambda sp: {}
+    kwargs: Callable[..., dict] = lambda **settings: {}  # the settings, as `fn` takes them
     seeded: bool = False  # takes a generator= for its noise
+
+
+def _describe_smoothgrad(*, smoothgrad_samples=SMOOTHGRAD_SAMPLES, smoothgrad_sigma=SMOOTHGRAD_SIGMA, **_):
+    return (
+        f"mean |gradient| over {smoothgrad_samples} noisy copies of the image "
+        f"(noise std {smoothgrad_sigma:g} x the image's range)"
+    )
+
+
+def _smoothgrad_kwargs(
+    *, smoothgrad_sigma=SMOOTHGRAD_SIGMA, smoothgrad_samples=SMOOTHGRAD_SAMPLES, batch_size=64, **_
+):
+    return {"sigma": smoothgrad_sigma, "samples": smoothgrad_samples, "batch_size": batch_size}
 
 
 METHODS = {
     "gradient": Method(
         gradient,
         "gradient",
-        lambda sp: "|d logit / d pixel| of the predicted class, one backward pass",
-        lambda sp: 1,
+        lambda **_: "|d logit / d pixel| of the predicted class, one backward pass",
+        lambda **_: 1,
         "1 forward + 1 backward",
     ),
     "smoothgrad": Method(
         smoothgrad,
         "SmoothGrad",
-        lambda sp: (
-            f"mean |gradient| over {sp.smoothgrad_samples} noisy copies of the image "
-            f"(noise std {sp.smoothgrad_sigma:g} x the image's range)"
-        ),
-        lambda sp: sp.smoothgrad_samples,
+        _describe_smoothgrad,
+        lambda *, smoothgrad_samples=SMOOTHGRAD_SAMPLES, **_: smoothgrad_samples,
         "smoothgrad_samples x (1 forward + 1 backward)",
-        lambda sp: {
-            "sigma": sp.smoothgrad_sigma,
-            "samples": sp.smoothgrad_samples,
-            "batch_size": sp.batch_size,
-        },
+        _smoothgrad_kwargs,
         seeded=True,
     ),
     "integrated_gradients": Method(
         integrated_gradients,
         "integrated gradients",
-        lambda sp: (
-            f"gradients along {sp.ig_steps} steps from a black image to the image, times "
+        lambda *, ig_steps=IG_STEPS, **_: (
+            f"gradients along {ig_steps} steps from a black image to the image, times "
             "(image - black); |value| shown"
         ),
-        lambda sp: sp.ig_steps,
+        lambda *, ig_steps=IG_STEPS, **_: ig_steps,
         "ig_steps x (1 forward + 1 backward)",
-        lambda sp: {"steps": sp.ig_steps, "batch_size": sp.batch_size},
+        lambda *, ig_steps=IG_STEPS, batch_size=64, **_: {"steps": ig_steps, "batch_size": batch_size},
     ),
     "gradcam": Method(
         gradcam,
         "Grad-CAM",
-        lambda sp: (
+        lambda **_: (
             "last conv block's feature maps weighted by the mean gradient of the predicted logit, ReLU"
         ),
-        lambda sp: 1,
+        lambda **_: 1,
         "1 forward + 1 backward (to the hooked layer)",
     ),
 }
@@ -301,43 +314,60 @@ def method(name: str) -> Method:
 
 
 def attribute(
-    name: str, model: nn.Module, inputs: Tensor, target, sp, *, generator: torch.Generator | None = None
+    name: str,
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    target,
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+    smoothgrad_sigma: float = SMOOTHGRAD_SIGMA,
+    smoothgrad_samples: int = SMOOTHGRAD_SAMPLES,
+    ig_steps: int = IG_STEPS,
 ) -> Tensor:
-    """Run method `name` with its settings from SaliencyParams `sp`; `generator` seeds SmoothGrad's noise."""
+    """Run method `name` on one batch with these settings; `generator` seeds SmoothGrad's noise."""
     m = method(name)
-    kw = m.kwargs(sp)
+    kw = m.kwargs(
+        batch_size=batch_size,
+        smoothgrad_sigma=smoothgrad_sigma,
+        smoothgrad_samples=smoothgrad_samples,
+        ig_steps=ig_steps,
+    )
     if m.seeded:
         kw["generator"] = generator
     return m.fn(model, inputs, target, **kw)
 
 
-def explain(name: str, model: nn.Module, x: Tensor, target: Tensor, sp, seed: int) -> Tensor:
-    """Raw maps of method `name`, N x C x H x W on the CPU, sp.batch_size images at a time.
+def explain(
+    name: str,
+    model: nn.Module,
+    x: Tensor,
+    *,
+    target: Tensor,
+    seed: int,
+    batch_size: int,
+    smoothgrad_sigma: float = SMOOTHGRAD_SIGMA,
+    smoothgrad_samples: int = SMOOTHGRAD_SAMPLES,
+    ig_steps: int = IG_STEPS,
+) -> Tensor:
+    """Raw maps of method `name`, N x C x H x W on the CPU, batch_size images at a time.
 
     SmoothGrad's noise comes from a CPU generator seeded with `seed` on every call, so the same
     call gives the same maps on any device, and the randomisation check sees no noise as change.
     """
     gen = torch.Generator().manual_seed(seed)
     target = torch.as_tensor(target).to(x.device)
-    return torch.cat(
-        [
-            attribute(name, model, xb, tb, sp, generator=gen).detach().cpu()
-            for xb, tb in zip(x.split(sp.batch_size), target.split(sp.batch_size))
-        ]
-    )
-
-
-def display_maps(maps: Tensor, mode: str, percentile: float) -> tuple[Tensor, Tensor]:
-    """|maps| scaled to [0, 1] per image for the figures: (channels, combined).
-
-    channels: N x C x H x W, one scale shared by an image's channels, so R, G and B panels can be
-    compared; combined: N x H x W, the max over channels, scaled on its own.
-    """
-    m = maps.detach().abs().float().cpu()
-    return (
-        normalize_maps(m, mode, percentile, per_channel=False),
-        normalize_maps(combine_channels(m), mode, percentile),
-    )
+    settings = {
+        "batch_size": batch_size,
+        "smoothgrad_sigma": smoothgrad_sigma,
+        "smoothgrad_samples": smoothgrad_samples,
+        "ig_steps": ig_steps,
+    }
+    maps = [
+        attribute(name, model, xb, target=tb, generator=gen, **settings).detach().cpu()
+        for xb, tb in zip(x.split(batch_size), target.split(batch_size))
+    ]
+    return torch.cat(maps)
 
 
 def gradcam_grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
@@ -354,13 +384,23 @@ def gradcam_grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
     return sizes[-1]
 
 
-def ig_completeness(model: nn.Module, x: Tensor, target: Tensor, maps: Tensor, batch_size: int) -> Tensor:
+def pixel_note(name: str, model: nn.Module, x: Tensor) -> str:
+    """What one pixel of method `name`'s combined map is, for the figures: Grad-CAM's map is the hooked
+    layer's coarse grid, upsampled; the others take the max over R, G and B."""
+    return (
+        "a {} x {} grid, upsampled".format(*gradcam_grid(model, x))
+        if name == "gradcam"
+        else "max over R, G, B"
+    )
+
+
+def ig_completeness(model: nn.Module, x: Tensor, target: Tensor, *, maps: Tensor, batch_size: int) -> Tensor:
     """Per-image relative completeness error of integrated-gradients maps (black baseline):
     |sum(attr) - (f(x) - f(baseline))| / |f(x) - f(baseline)|, batch_size images at a time."""
     target = torch.as_tensor(target)
     return torch.cat(
         [
-            ig_completeness_error(model, xb, None, mb.to(xb), tb.to(xb.device))["rel"].cpu()
+            ig_completeness_error(model, xb, tb.to(xb.device), attributions=mb.to(xb))["rel"].cpu()
             for xb, mb, tb in zip(x.split(batch_size), maps.split(batch_size), target.split(batch_size))
         ]
     )

@@ -1,19 +1,24 @@
-"""Matplotlib figures. Functions return figures; stages save them with save_figure."""
+"""Matplotlib figures. Functions return figures (stages save them with save_figure); the write_*
+functions write a stage's figures and the plot data that goes with them."""
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: stages run under DVC, CI and on GPU machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from cnnlens.files import atomic_path  # noqa: E402
+from cnnlens.files import atomic_path, unique_stems  # noqa: E402
+from cnnlens.tensors import combine_channels, denormalize, normalize_maps  # noqa: E402
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
@@ -26,6 +31,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
 def image_grid(
     images: list[np.ndarray],
     titles: list[str],
+    *,
     cols: int = 4,
     size: float = 2.6,
     suptitle: str = "",
@@ -62,6 +68,7 @@ def feature_maps_figure(
     image: np.ndarray,
     maps: np.ndarray,
     labels: list[str],
+    *,
     suptitle: str = "",
     image_label: str = "input image",
     cols: int | None = None,
@@ -83,7 +90,7 @@ def feature_maps_figure(
     grid.show(0, 0, image)
     grid.title(0, 0, image_label, fontsize=7, fontweight="bold")
     for i, (m, label) in enumerate(zip(maps, labels), start=1):
-        grid.show(i // cols, i % cols, m, "viridis")
+        grid.show(i // cols, i % cols, m, cmap="viridis")
         grid.title(i // cols, i % cols, label, fontsize=7)
     grid.colorbar("viridis", ["lowest\nin map", "highest\nin map"])
     if suptitle:
@@ -91,7 +98,7 @@ def feature_maps_figure(
     return grid.done()
 
 
-def layer_stats_figure(layers: list[str], sparsity: list[float], mean: list[float], title: str = ""):
+def layer_stats_figure(layers: list[str], sparsity: list[float], mean: list[float], *, title: str = ""):
     """Two bar charts side by side: the fraction of exact-zero activations and the mean activation per layer."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
     x = np.arange(len(layers))
@@ -141,7 +148,7 @@ class _Panels:
 
     DPI = 100
 
-    def __init__(self, rows: int, cols: int, size: float, title_h: float, top: float, bar: bool = True):
+    def __init__(self, rows: int, cols: int, size: float, *, title_h: float, top: float, bar: bool = True):
         pad, self.gap, right = 0.1, 0.15, (0.95 if bar else 0.1)
         self.size, self.title_h, self.top, self.pad = size, title_h, top, pad
         self.width = pad + cols * size + (cols - 1) * self.gap + right
@@ -157,9 +164,11 @@ class _Panels:
             0.14,
             bar_h,
         )
-        self.bar_ax = self.fig.add_axes(self._fraction(*box)) if bar else None
+        self.bar_ax = self.fig.add_axes(self._fraction(box)) if bar else None
 
-    def _fraction(self, x, y, w, h):
+    def _fraction(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """(x, y, w, h) in inches -> in fractions of the figure."""
+        x, y, w, h = box
         return (x / self.width, y / self.height, w / self.width, h / self.height)
 
     def _origin(self, r: int, c: int) -> tuple[float, float]:
@@ -168,7 +177,7 @@ class _Panels:
             self.size + self.title_h
         )
 
-    def show(self, r: int, c: int, arr: np.ndarray, cmap: str | None = None) -> None:
+    def show(self, r: int, c: int, arr: np.ndarray, *, cmap: str | None = None) -> None:
         """Paint an H x W x 3 image in [0,1], or an H x W map in [0,1] through `cmap`, into panel (r, c)."""
         arr = np.asarray(arr, dtype=float)
         if arr.ndim == 2:
@@ -212,6 +221,7 @@ def saliency_figure(
     image: np.ndarray,
     channel_maps: np.ndarray,
     combined: np.ndarray,
+    *,
     title: str,
     method: str,
     scale: str,
@@ -232,7 +242,7 @@ def saliency_figure(
     panels.append(("overlay on the input\n(bright colour = salient)", heat_overlay(image, combined), False))
     grid = _Panels(1, len(panels), size, title_h=0.4, top=0.12 + 0.17 * (title.count("\n") + 1))
     for c, (label, arr, is_map) in enumerate(panels):
-        grid.show(0, c, arr, HEAT_CMAP if is_map else None)
+        grid.show(0, c, arr, cmap=HEAT_CMAP if is_map else None)
         grid.title(0, c, label, fontsize=7.5)
     _heat_colorbar(grid, scale)
     grid.suptitle(title, fontsize=9)
@@ -247,6 +257,7 @@ def saliency_rows_figure(
     images: list[np.ndarray],
     columns: list[tuple],
     row_titles: list[str],
+    *,
     suptitle: str,
     scale: str,
     size: float = 1.8,
@@ -272,7 +283,7 @@ def saliency_rows_figure(
         grid.show(i, 0, images[i])
         grid.title(i, 0, row_titles[i], fontsize=7)
         for c, (header, maps, overlay, cell_titles) in enumerate(columns, start=1):
-            grid.show(i, c, heat_overlay(images[i], maps[i]) if overlay else maps[i], HEAT_CMAP)
+            grid.show(i, c, heat_overlay(images[i], maps[i]) if overlay else maps[i], cmap=HEAT_CMAP)
             grid.title(i, c, header if cell_titles is None else f"{header}\n{cell_titles[i]}", fontsize=7)
     if any(not overlay for _, _, overlay, _ in columns):
         _heat_colorbar(grid, scale)
@@ -306,6 +317,7 @@ def layer_summary_figure(
     images: list[np.ndarray],
     maps: list[np.ndarray],
     row_labels: list[str],
+    *,
     map_labels: list[list[str]],
     suptitle: str = "",
     size: float = 1.1,
@@ -319,7 +331,7 @@ def layer_summary_figure(
         grid.show(r, 0, image)
         grid.title(r, 0, label, fontsize=6.5, fontweight="bold")
         for c, (m, map_label) in enumerate(zip(row, labels), start=1):
-            grid.show(r, c, m, "viridis")
+            grid.show(r, c, m, cmap="viridis")
             grid.title(r, c, map_label, fontsize=6.5)
     grid.colorbar("viridis", ["lowest\nin map", "highest\nin map"])
     if suptitle:
@@ -327,10 +339,242 @@ def layer_summary_figure(
     return grid.done()
 
 
+# ---- the saliency stage's outputs
+
+
+def display_maps(maps, mode: str, percentile: float) -> tuple:
+    """|maps| (N x C x H x W tensor) scaled to [0, 1] per image for the figures: (channels, combined).
+
+    channels: N x C x H x W, one scale shared by an image's channels, so R, G and B panels can be
+    compared; combined: N x H x W, the max over channels, scaled on its own.
+    """
+    m = maps.detach().abs().float().cpu()
+    return (
+        normalize_maps(m, mode, percentile, per_channel=False),
+        normalize_maps(combine_channels(m), mode, percentile),
+    )
+
+
+def labelled_images(shown, classes: list[str]) -> tuple[list[np.ndarray], list[str]]:
+    """The shown images (x, paths, labels, pred, prob, as quality.Predicted holds them) de-normalised
+    for the figures, and one title each: path, true and predicted class."""
+    images = [chw_to_hwc(im) for im in denormalize(shown.x.cpu())]
+    titles = [
+        f"{path}\ntrue {classes[int(t)]}, predicted {classes[int(g)]} (p={pr:.2f})"
+        for path, t, g, pr in zip(shown.paths, shown.labels, shown.pred, shown.prob.tolist())
+    ]
+    return images, titles
+
+
+def write_method(
+    out: Path,
+    name: str,
+    *,
+    maps,
+    shown,
+    label: str,
+    description: str,
+    note: str,
+    images: list[np.ndarray],
+    titles: list[str],
+    normalize: str,
+    percentile: float,
+) -> None:
+    """<out>/arrays/<name>.npz (raw maps, inputs, target, paths), figures/<name>/<stem>.png per image
+    (input, |map| per channel, combined, overlay) and figures/<name>.png (all images in rows).
+    maps: the raw maps of the `shown` images (quality.Predicted); images and titles: labelled_images();
+    normalize and percentile: the display scale (display_maps).
+
+    Figures and arrays live apart so figures/ holds only images: dvc.yaml declares it as one image plot."""
+    (out / "figures" / name).mkdir(parents=True)
+    (out / "arrays").mkdir(exist_ok=True)
+    np.savez(
+        out / "arrays" / f"{name}.npz",
+        maps=maps.numpy().astype(np.float32),
+        target=shown.pred.numpy(),
+        inputs=shown.x.cpu().numpy().astype(np.float32),
+        paths=np.array(shown.paths),
+    )
+    channels, combined = display_maps(maps, normalize, percentile)
+    scale = scale_label(normalize, percentile)
+    for i, stem in enumerate(unique_stems(shown.paths)):
+        figure = saliency_figure(
+            images[i],
+            channels[i].numpy(),
+            combined[i].numpy(),
+            title=f"{label} ({description})\n{titles[i]}",
+            method=label,
+            scale=scale,
+            map_note=note,
+        )
+        save_figure(figure, out / "figures" / name / f"{stem}.png")
+    columns = [
+        (f"{label} map\n({note})", combined.numpy(), False, None),
+        ("overlay (colour = salient)", combined.numpy(), True, None),
+    ]
+    suptitle = f"{label} saliency for each image's predicted class\n({description})"
+    save_figure(
+        saliency_rows_figure(images, columns, titles, suptitle=suptitle, scale=scale),
+        out / "figures" / f"{name}.png",
+    )
+
+
+def before_after_figure(
+    columns: list[tuple],
+    *,
+    arch: str,
+    source: str | None,
+    classes: list[str],
+    images: list[np.ndarray],
+    titles: list[str],
+    normalize: str,
+    percentile: float,
+):
+    """The same images explained by the untuned network (where finetune starts) and by the fine-tuned
+    one, each for its own predicted class. columns: (header, raw maps N x C x H x W, predicted class N,
+    its probability N); images, titles, normalize, percentile: as write_method's; source: where
+    the untuned weights came from (weights.json's source; "none" = random init)."""
+    shown = [
+        (
+            header,
+            display_maps(maps, normalize, percentile)[1].numpy(),
+            False,
+            [f"predicts {classes[int(c)]} (p={q:.2f})" for c, q in zip(pred, prob.tolist())],
+        )
+        for header, maps, pred, prob in columns
+    ]
+    origin = (
+        "random init, model.weights: none" if source == "none" else f"{source} weights + a new random head"
+    )
+    return saliency_rows_figure(
+        images,
+        shown,
+        titles,
+        suptitle=f"Before vs after fine-tuning: the untuned {arch} "
+        f"({origin}) vs the fine-tuned model,\neach explaining its own predicted class",
+        scale=scale_label(normalize, percentile),
+    )
+
+
+def randomization_title(n: int, skipped: list[str]) -> str:
+    """The randomisation figure's title: n images checked; `skipped` the labels of the methods not run."""
+    title = (
+        f"Model-randomisation check on {n} val images: layers re-initialised one after another;\n"
+        "a map that explains the model should fall towards 0"
+    )
+    return title + (f" (not run on this CPU, too costly: {', '.join(skipped)})" if skipped else "")
+
+
+def write_randomization(out: Path, curves: dict, *, labels: dict, images: int, skipped: list[str]) -> None:
+    """<out>/randomization.csv, one column per method so DVC draws one line per method, and
+    figures/randomization.png. curves: {method: [(layer, rho), ...]}; labels: {method: figure label}."""
+    first = next(iter(curves.values()))
+    table = pd.DataFrame({"step": range(len(first)), "layer": [layer for layer, _ in first]})
+    for name, curve in curves.items():
+        table[name] = [rho for _, rho in curve]
+    table.to_csv(out / "randomization.csv", index=False)
+    title = randomization_title(images, [labels[k] for k in skipped])
+    figure = randomization_figure({labels[k]: c for k, c in curves.items()}, title)
+    save_figure(figure, out / "figures" / "randomization.png")
+
+
+# ---- the activations stage's outputs
+
+COMPACT_MAPS = (
+    8  # maps per image in the per-layer figure: enough to see the kind of feature, small on the page
+)
+
+
+def activation_grid_figure(
+    image: np.ndarray, top, *, max_maps: int, layer: str, title: str, image_label: str
+):
+    """One image's maps of one layer: its top max_maps by mean activation (top: hooks.TopMaps, highest
+    first, each min-max scaled), after the input image (H x W x 3 in [0, 1])."""
+    c, h, w = top.shape
+    maps = top.maps[:max_maps]
+    labels = [
+        f"#{r + 1}: channel {ch}\nmean {m:.3g}"
+        for r, (ch, m) in enumerate(zip(top.channels, top.means[: len(maps)]))
+    ]
+    return feature_maps_figure(
+        image,
+        maps,
+        labels,
+        image_label=image_label,
+        suptitle=f"{title}\nlayer {layer}: {c} feature maps of {h} x {w} pixels - top {len(maps)} of {c} maps by "
+        "mean activation,\neach scaled to its own min-max (dark = lowest, bright = highest value in that "
+        "map; not comparable across maps)",
+    )
+
+
+def write_activation_grids(
+    out: Path, records, *, chosen, classes: list[str], input_size: int, max_maps: int
+) -> dict:
+    """<out>/grids/<image>/<layer>.png for the chosen images (a split: paths, labels), from `records`:
+    per image, in order, (de-normalised input 3 x H x W, class probabilities, {layer: hooks.TopMaps}).
+    Returns the rows of the compact per-layer figures (write_layer_figures)."""
+    folders, compact = unique_stems(chosen.paths), {}
+    bar = tqdm(
+        records, total=len(chosen.paths), desc="activation grids", unit="image", leave=False, disable=None
+    )
+    for i, (shown, proba, layers) in enumerate(bar):
+        (out / "grids" / folders[i]).mkdir(parents=True)  # only images: one DVC image plot
+        truth, guess = classes[int(chosen.labels[i])], classes[int(proba.argmax())]
+        image = chw_to_hwc(shown)
+        for layer, top in layers.items():
+            figure = activation_grid_figure(
+                image,
+                top,
+                max_maps=max_maps,
+                layer=layer,
+                title=f"{chosen.paths[i].split('/')[-1]}  (true: {truth}, predicted: {guess})",
+                image_label=f"input {input_size}x{input_size} (centre crop)\npredicted {guess}, p={proba.max():.2f}",
+            )
+            save_figure(figure, out / "grids" / folders[i] / f"{layer}.png")
+            n = min(COMPACT_MAPS, len(top.maps))
+            labels = [f"ch {ch}, mean {m:.2g}" for ch, m in zip(top.channels[:n], top.means[:n])]
+            compact.setdefault(layer, []).append(
+                (image, top.maps[:n], f"{folders[i]}: {truth}, predicted {guess}", labels)
+            )
+    return compact
+
+
+def write_layer_figures(out: Path, compact: dict, *, arch: str) -> None:
+    """<out>/layers/<layer>.png: every chosen image's top maps of that layer in one small figure."""
+    (out / "layers").mkdir()
+    for layer, kept in compact.items():
+        images, maps, labels, map_labels = (list(col) for col in zip(*kept))
+        c, h, w = kept[0][1].shape
+        title = f"{arch} {layer}: top {c} maps by mean activation per image ({h} x {w} pixels each, own min-max scale)"
+        save_figure(
+            layer_summary_figure(images, maps, labels, map_labels=map_labels, suptitle=title),
+            out / "layers" / f"{layer}.png",
+        )
+
+
+def write_layer_statistics(out: Path, stats: dict, *, arch: str, n_images: int) -> None:
+    """<out>/sparsity.csv (layer, sparsity, mean: the plots page's bar chart) and sparsity.png."""
+    table = pd.DataFrame(
+        {
+            "layer": list(stats),
+            "sparsity": [s["sparsity"] for s in stats.values()],
+            "mean": [s["mean"] for s in stats.values()],
+        }
+    )
+    table.to_csv(out / "sparsity.csv", index=False)
+    figure = layer_stats_figure(
+        table["layer"].tolist(),
+        table["sparsity"].tolist(),
+        table["mean"].tolist(),
+        title=f"{arch} activations over {n_images} val images",
+    )
+    save_figure(figure, out / "sparsity.png")
+
+
 # ---- comparing losses (cnnlens/compare.py)
 
 
-def tradeoff_figure(table, method: str, x: str = "accuracy", y: str = "pointing_game"):
+def tradeoff_figure(table, method: str, *, x: str = "accuracy", y: str = "pointing_game"):
     """One point per row of `table` (a loss) at (x, y) with its 95% interval bars both ways;
     falls back to insertion AUC when the data has no object masks (no pointing game)."""
     y = y if y in table.columns else "insertion_auc"
@@ -361,7 +605,7 @@ def saliency_by_loss_figure(
         grid.show(r, 0, image)
         grid.title(r, 0, row_labels[r][:24], fontsize=7)
         for c, (loss, m) in enumerate(maps.items(), start=1):
-            grid.show(r, c, m[r].numpy(), HEAT_CMAP)
+            grid.show(r, c, m[r].numpy(), cmap=HEAT_CMAP)
             grid.title(r, c, loss if r == 0 else "", fontsize=8, fontweight="bold")
     grid.colorbar(
         HEAT_CMAP, ["0", f"{scale:.2g}\nand above"], f"|{method}|, max over R, G, B (one scale for all)"

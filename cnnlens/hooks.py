@@ -4,18 +4,23 @@ Layer names are the ResNet stage names: `stem` (the output of conv1 -> bn1 -> re
 and `layer1`..`layer4` (each ends in a ReLU, so exact zeros mean "this unit did not fire").
 For MobileNet / EfficientNet the same names are mapped onto `features.N` blocks by output stride
 (their blocks end in Hardswish / SiLU or no activation at all, so sparsity is not comparable).
-Tensors in, tensors or dicts out; nothing here touches the disk.
+Tensors in, tensors or dicts out; nothing here touches the disk (cnnlens.figures draws and writes).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from cnnlens.errors import StageError
+from cnnlens.model import probabilities
+from cnnlens.tensors import denormalize, eval_inputs, normalize_maps
 
 # The layers one can hook, one registry (config validates activations.layers against it): stage name ->
 # ResNet module.
@@ -87,15 +92,16 @@ def capture(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
     handles = []
     try:
         for name, module in modules.items():
-            handles.append(
-                module.register_forward_hook(
-                    lambda _m, _inp, out, name=name: store.__setitem__(name, out.detach())
-                )
-            )
+            handles.append(module.register_forward_hook(_storing(store, name)))
         yield store
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _storing(store: dict[str, Tensor], name: str):
+    """A forward hook (module, inputs, output) that keeps the output, detached, as store[name]."""
+    return lambda _module, _inputs, out: store.__setitem__(name, out.detach())
 
 
 def top_maps(act: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -104,6 +110,69 @@ def top_maps(act: Tensor, k: int) -> tuple[Tensor, Tensor]:
     means = act.flatten(1).float().mean(1)
     order = torch.argsort(means, descending=True, stable=True)[: min(k, act.shape[0])]
     return order, means[order]
+
+
+@dataclass
+class TopMaps:
+    """One image's strongest maps of one layer, highest mean activation first: maps K x h x w (each
+    min-max scaled on its own to [0, 1]), their channels and mean activations; shape: the layer's C, H, W."""
+
+    maps: np.ndarray
+    channels: list[int]
+    means: list[float]
+    shape: tuple[int, int, int]
+
+
+def strongest_maps(act: Tensor, k: int) -> TopMaps:
+    """The k maps of one image's activation (C x H x W) with the highest mean (top_maps), scaled."""
+    idx, means = top_maps(act, k)
+    return TopMaps(normalize_maps(act[idx]).numpy(), [int(c) for c in idx], means.tolist(), tuple(act.shape))
+
+
+def image_activations(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    images,
+    *,
+    input_size: int,
+    loss: str,
+    batch_size: int,
+    k: int,
+) -> Iterator[tuple[Tensor, Tensor, dict[str, TopMaps]]]:
+    """Per image of `images` (uint8 N x 3 x H x W, on the CPU or memory-mapped), in order: its
+    de-normalised centre crop (3 x h x w in [0, 1], CPU), the model's class probabilities (`loss`'s
+    rule) and per hooked layer its k strongest maps. batch_size images a forward, every hook on."""
+    device = next(model.parameters()).device
+    for start in range(0, len(images), batch_size):
+        x = eval_inputs(images[start : start + batch_size].to(device), input_size)
+        with capture(modules) as acts, torch.no_grad():
+            proba = probabilities(model(x).float().cpu(), loss)
+        shown = denormalize(x).cpu()
+        for j in range(len(x)):
+            yield shown[j], proba[j], {layer: strongest_maps(act[j].cpu(), k) for layer, act in acts.items()}
+
+
+def split_statistics(
+    model: nn.Module, modules: dict[str, nn.Module], images, *, input_size: int, batch_size: int
+) -> dict[str, dict]:
+    """layer_statistics over all of `images` (a split's, uint8), batch by batch: all activations would
+    not fit."""
+    device = next(model.parameters()).device
+    starts = range(0, len(images), batch_size)
+    batches = (
+        eval_inputs(images[s : s + batch_size].to(device), input_size)
+        for s in tqdm(starts, desc="activation statistics", unit="batch", leave=False, disable=None)
+    )
+    return layer_statistics(model, modules, batches)
+
+
+def headline_statistics(stats: dict[str, dict]) -> dict:
+    """The declared metrics of layer_statistics(): the mean sparsity over the layers and the dead
+    channels of all layers together."""
+    return {
+        "mean_sparsity": sum(s["sparsity"] for s in stats.values()) / len(stats),
+        "dead_channels": sum(s["dead_channels"] for s in stats.values()),
+    }
 
 
 class LayerStats:

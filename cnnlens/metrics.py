@@ -7,7 +7,7 @@ from sklearn import metrics as skm
 
 
 def classification_metrics(
-    y_true: np.ndarray, proba: np.ndarray, classes: list[str], ece_bins: int = 15
+    y_true: np.ndarray, proba: np.ndarray, classes: list[str], *, ece_bins: int = 15
 ) -> dict:
     """Flat dict of val metrics; `proba` is N x C, the prediction is its argmax."""
     y_pred = proba.argmax(1)

@@ -6,23 +6,36 @@
 - cascading model randomisation (Adebayo et al. 2018, "Sanity checks for saliency maps"): a map
   that hardly changes when the weights are destroyed does not explain the trained model.
 - pointing game and mass inside the object mask, when object masks exist (synthetic data).
-- bootstrap confidence intervals for every mean.
+- bootstrap confidence intervals for every mean (scipy.stats.bootstrap).
+- score_methods: every saliency method and both baselines scored by one function, score_maps (a
+  baseline is one more source of maps), on val images in bounded-memory chunks; the results as the
+  saliency stage reports them (headline_metrics, quality_table, quality_table_text).
 
 Maps here are "combined" maps, N x H x W (an N x C x H x W map is combined by the max over
-channels first, as in cnnlens.tensors.combine_channels). Pure library code: no disk I/O.
+channels first, as in cnnlens.tensors.combine_channels). Functions take plain values (no params
+objects): the library runs without params.yaml. Pure library code: no disk I/O.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import math
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
+from tqdm import tqdm
 
-from cnnlens.tensors import combine_channels
+from cnnlens.attribution import METHODS, explain, ig_completeness
+from cnnlens.model import predictions
+from cnnlens.tensors import center_crop, combine_channels, eval_inputs
 
 
 def pixel_order(maps: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -49,7 +62,9 @@ def deletion_insertion_passes(steps: int) -> int:
     return 2 * (steps + 1)
 
 
-def _curve(model, before: Tensor, after: Tensor, rank: Tensor, counts: Tensor, idx: Tensor, batch_size: int):
+def _curve(
+    model, before: Tensor, after: Tensor, *, rank: Tensor, counts: Tensor, idx: Tensor, batch_size: int
+):
     """N x (steps+1) probabilities of class idx: image i at step k is `after` where the pixel's rank is
     below counts[k], else `before`; (image, step) pairs run in forwards of batch_size."""
     n, steps, (h, w) = before.shape[0], len(counts) - 1, before.shape[-2:]
@@ -68,8 +83,8 @@ def deletion_insertion(
     model: nn.Module,
     inputs: Tensor,
     target,
-    maps: Tensor,
     *,
+    maps: Tensor,
     steps: int = 16,
     blur_sigma: float | None = None,
     kernel_size: int | None = None,
@@ -115,8 +130,9 @@ def deletion_insertion(
     start = insertion_start.to(x).expand_as(x)
     deleted = torch.full_like(x, deletion_value)
 
-    del_curve = _curve(model, x, deleted, rank, counts, idx, batch_size)
-    ins_curve = _curve(model, start, x, rank, counts, idx, batch_size)
+    steps_at = {"rank": rank, "counts": counts, "idx": idx, "batch_size": batch_size}
+    del_curve = _curve(model, x, deleted, **steps_at)
+    ins_curve = _curve(model, start, x, **steps_at)
     fx = fractions.to(x.device, torch.float32)
     return {
         "deletion_auc": torch.trapezoid(del_curve, fx, dim=1),
@@ -127,12 +143,12 @@ def deletion_insertion(
     }
 
 
-def random_maps(n: int, h: int, w: int, generator: torch.Generator | None = None) -> Tensor:
+def random_maps(n: int, h: int, w: int, *, generator: torch.Generator | None = None) -> Tensor:
     """N x H x W uniform noise: the baseline of a map that knows nothing."""
     return torch.rand(n, h, w, generator=generator)
 
 
-def center_prior_maps(n: int, h: int, w: int, sigma_frac: float = 0.25) -> Tensor:
+def center_prior_maps(n: int, h: int, w: int, *, sigma_frac: float = 0.25) -> Tensor:
     """N x H x W isotropic Gaussian centred in the image, std = sigma_frac * min(h, w).
 
     Photos put the object in the middle; a map has to beat this to show it looks at the object
@@ -145,31 +161,17 @@ def center_prior_maps(n: int, h: int, w: int, sigma_frac: float = 0.25) -> Tenso
     return g.expand(n, h, w).clone()
 
 
-def _average_ranks(v: Tensor) -> Tensor:
-    """Ranks 0..n-1 of a 1-D tensor, ties sharing their average rank (as scipy's rankdata)."""
-    sorted_v, order = torch.sort(v)
-    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)
-    avg = ends - (counts.to(torch.float64) + 1) / 2  # mean of the 0-based positions of each tie group
-    ranks = torch.empty_like(v, dtype=torch.float64)
-    ranks[order] = avg[inverse]
-    return ranks
-
-
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of each row pair (N x ... flattened per row), N values.
+    """Spearman rank correlation of each row pair (N x ... flattened per row), N values (float64).
 
-    Pearson correlation of average ranks, like scipy.stats.spearmanr. Where a map is constant
-    the correlation is undefined (scipy: nan); here it is 0, since such a map ranks nothing.
+    scipy.stats.spearmanr per row. Where a map is constant the correlation is undefined (scipy: nan
+    and a warning); here it is 0, since such a map ranks nothing.
     """
-    a, b = a.detach().flatten(1), b.detach().flatten(1)
+    a, b = a.detach().flatten(1).cpu().numpy(), b.detach().flatten(1).cpu().numpy()
     out = torch.zeros(a.shape[0], dtype=torch.float64)
     for i in range(a.shape[0]):
-        ra, rb = _average_ranks(a[i].cpu()), _average_ranks(b[i].cpu())
-        ra, rb = ra - ra.mean(), rb - rb.mean()
-        den = torch.sqrt((ra * ra).sum() * (rb * rb).sum())
-        if den > 0:
-            out[i] = (ra * rb).sum() / den
+        if a[i].min() < a[i].max() and b[i].min() < b[i].max():
+            out[i] = float(stats.spearmanr(a[i], b[i]).statistic)
     return out
 
 
@@ -209,9 +211,9 @@ def randomization_check(
     model: nn.Module,
     inputs: Tensor,
     target,
+    *,
     method_fn,
     layer_order=None,
-    *,
     seed: int = 0,
     absolute: bool = True,
 ) -> list[tuple[str, float]]:
@@ -287,24 +289,29 @@ def mass_inside(maps: Tensor, masks: Tensor) -> Tensor:
     )
 
 
-def bootstrap_ci(values, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+def bootstrap_ci(values, *, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
     """Mean and percentile-bootstrap (1 - alpha) interval of the mean: dict(mean, low, high, n).
 
-    Resamples the values with replacement n_resamples times (numpy Generator seeded with `seed`).
-    No values: all NaN, n = 0.
+    scipy.stats.bootstrap, method "percentile": n_resamples resamples with replacement from a numpy
+    Generator seeded with `seed`, drawn in batches of a few million indices. One value: the interval
+    is that value. No values: all NaN, n = 0.
     """
     v = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64).ravel()
     if v.size == 0:
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    per_chunk = max(1, 4_000_000 // v.size)  # bound the index matrix to a few million entries
-    means = np.concatenate(
-        [
-            v[rng.integers(0, v.size, size=(min(per_chunk, n_resamples - s), v.size))].mean(axis=1)
-            for s in range(0, n_resamples, per_chunk)
-        ]
-    )
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    low = high = v[0]  # scipy needs two values; every resample of one value is that value
+    if v.size > 1:
+        ci = stats.bootstrap(
+            (v,),
+            np.mean,
+            n_resamples=n_resamples,
+            batch=max(1, 4_000_000 // v.size),  # bound the index matrix to a few million entries
+            vectorized=True,
+            confidence_level=1 - alpha,
+            method="percentile",
+            random_state=np.random.default_rng(seed),
+        ).confidence_interval
+        low, high = ci.low, ci.high
     return {"mean": float(v.mean()), "low": float(low), "high": float(high), "n": int(v.size)}
 
 
@@ -312,6 +319,7 @@ def quality_scores(
     model: nn.Module,
     x: Tensor,
     target: Tensor,
+    *,
     maps: Tensor,
     masks: Tensor | None,
     steps: int,
@@ -327,7 +335,7 @@ def quality_scores(
         model,
         x,
         torch.as_tensor(target).to(x.device),
-        maps,
+        maps=maps,
         steps=steps,
         generator=gen,
         batch_size=batch_size,
@@ -339,10 +347,322 @@ def quality_scores(
     return scores
 
 
-def baseline_maps(kind: str, n: int, h: int, w: int, seed: int) -> Tensor:
+def baseline_maps(kind: str, n: int, *, h: int, w: int, seed: int) -> Tensor:
     """N x H x W maps that know nothing about the model: uniform noise or a centred Gaussian."""
     if kind == "random":
-        return random_maps(n, h, w, torch.Generator().manual_seed(seed))
+        return random_maps(n, h, w, generator=torch.Generator().manual_seed(seed))
     if kind == "center":
         return center_prior_maps(n, h, w)
     raise ValueError(f"unknown baseline {kind!r}; allowed: random, center")
+
+
+# ---- scoring saliency methods and baselines on val images (the saliency stage's work)
+
+BASELINES = ("random", "center")
+# Quality images on the device at once: quality_images 0 (all of val) scores a large val split chunk by
+# chunk in bounded memory. A val split of at most this many is one chunk.
+QUALITY_CHUNK = 256
+RANDOMIZATION_IMAGES = 8
+# The randomisation check reruns a method (layers + 2) = 8 times on 8 images; on a CPU it runs only for
+# methods of at most this many passes per image (gradient, Grad-CAM): SmoothGrad and IG would take most
+# of the demo's minute. On a GPU it runs for every method.
+RANDOMIZATION_MAX_PASSES_CPU = 1
+
+
+@dataclass
+class Predicted:
+    """Images on the device with the model's predictions: x (ImageNet-normalised centre crops),
+    pred and prob (the max-logit class and its probability), masks (centre-cropped) or None."""
+
+    x: Tensor
+    pred: Tensor
+    prob: Tensor
+    masks: Tensor | None
+    paths: list[str]
+    labels: Tensor
+
+
+def predict_images(
+    model: nn.Module, split, device, *, input_size: int, loss: str, batch_size: int
+) -> Predicted:
+    """A prepared split's images (a tensors.Split) on `device`, with the model's predictions."""
+    x = eval_inputs(split.images, input_size).to(device)
+    pred, prob = predictions(model, x, loss, batch_size)
+    masks = None if split.masks is None else center_crop(split.masks, input_size)
+    return Predicted(x, pred, prob, masks, split.paths, split.labels)
+
+
+class ScoredImages:
+    """The images scored for quality (split rows `index`), as Predicted chunks of at most QUALITY_CHUNK:
+    the first is kept (all of a small split, and the randomisation check's images), the others are
+    rebuilt on each pass."""
+
+    def __init__(
+        self, model: nn.Module, split, device, *, index: Tensor, input_size: int, loss: str, batch_size: int
+    ):
+        predict = {"input_size": input_size, "loss": loss, "batch_size": batch_size}
+        self.chunk = lambda rows: predict_images(model, split.subset(rows), device, **predict)
+        self.index, self.n = index, len(index)
+        self.first = self.chunk(index[:QUALITY_CHUNK])
+        self.masks = self.first.masks
+
+    def __iter__(self):
+        yield self.first
+        for start in range(QUALITY_CHUNK, self.n, QUALITY_CHUNK):
+            yield self.chunk(self.index[start : start + QUALITY_CHUNK])
+
+
+def score_maps(
+    model: nn.Module, scored, source, *, steps: int, seed: int, batch_size: int, bootstrap: int, extra=None
+) -> dict:
+    """The quality of the maps that `source(model, x, target)` gives for every chunk of `scored`, a
+    method's or a baseline's alike: per score (quality_scores), the mean over the images and its 95%
+    bootstrap interval. `extra`: more per-image scores, {name: fn(model, chunk, maps) -> N values}, where
+    a chunk holds x and pred (the target)."""
+    raw: dict[str, list[Tensor]] = {}
+    for chunk in scored:
+        maps = source(model, chunk.x, chunk.pred)
+        scores = quality_scores(
+            model,
+            chunk.x,
+            chunk.pred,
+            maps=maps,
+            masks=chunk.masks,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        scores.update({name: fn(model, chunk, maps) for name, fn in (extra or {}).items()})
+        for name, v in scores.items():
+            raw.setdefault(name, []).append(v)
+    return {name: bootstrap_ci(torch.cat(v), n_resamples=bootstrap, seed=seed) for name, v in raw.items()}
+
+
+def metric_passes(steps: int) -> dict:
+    """The forward and backward passes per image that scoring a map costs (deletion and insertion)."""
+    return {"deletion_insertion": {"forward": deletion_insertion_passes(steps), "backward": 0}}
+
+
+@dataclass
+class SaliencyScores:
+    """What score_methods found. metrics: per method and baseline, each score's mean and 95% interval,
+    the cost and the randomisation rho; maps: per method, its raw maps of the shown images (CPU);
+    curves: per method checked, its randomisation curve; skipped: the methods whose check was too
+    costly on this device; randomization_images: the images checked (0: no check ran)."""
+
+    metrics: dict = field(default_factory=dict)
+    maps: dict = field(default_factory=dict)
+    curves: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)
+    randomization_images: int = 0
+
+
+def score_methods(
+    model: nn.Module,
+    shown: Predicted,
+    scored: ScoredImages,
+    *,
+    methods: list[str],
+    seed: int,
+    batch_size: int,
+    quality_steps: int,
+    bootstrap: int,
+    randomization: bool,
+    settings: dict | None = None,
+) -> SaliencyScores:
+    """Every method of `methods` (attribution.METHODS names) and every baseline (BASELINES), each a
+    source of maps scored by score_maps on `scored`: deletion/insertion AUC, and the pointing game and
+    mass inside the mask where masks exist, each with its 95% bootstrap interval (`bootstrap`
+    resamples). A method also gets its maps of the `shown` images, its cost (passes; seconds per shown
+    and scored image), for integrated gradients the completeness error and, with `randomization` where
+    affordable, the model-randomisation check. `settings`: the methods' settings as
+    attribution.explain() takes them (smoothgrad_sigma, smoothgrad_samples, ig_steps)."""
+    settings = dict(settings or {})
+    quality = functools.partial(
+        score_maps, model, scored, steps=quality_steps, seed=seed, batch_size=batch_size, bootstrap=bootstrap
+    )
+    found = SaliencyScores()
+    for name in tqdm(methods, desc="saliency methods", unit="method", disable=None):
+        source = method_source(name, seed=seed, batch_size=batch_size, settings=settings)
+        passes = METHODS[name].passes(**settings)
+        metrics, found.maps[name] = _score_method(
+            name, model, shown, scored=scored, source=source, quality=quality, batch_size=batch_size
+        )
+        metrics["passes"] = {"forward": passes, "backward": passes, "what": METHODS[name].cost}
+        metrics["metric_passes"] = metric_passes(quality_steps)
+        if "ig_completeness_error" in metrics:
+            metrics["ig_completeness_error"] = metrics.pop("ig_completeness_error")  # after the costs
+            metrics["metric_passes"]["ig_completeness"] = {"forward": 2, "backward": 0}
+        curve = (
+            _randomization(model, scored, source=source, passes=passes, seed=seed) if randomization else None
+        )
+        if curve is not None:
+            found.curves[name] = curve
+            metrics["randomization_rho"] = curve[-1][1]  # all layers re-initialised
+            runs = passes * (len(curve) + 1)  # per image checked: the model, its copy and each layer group
+            metrics["metric_passes"]["randomization"] = {"forward": runs, "backward": runs}
+        elif randomization:
+            found.skipped.append(name)
+        found.metrics[name] = metrics
+    for kind in BASELINES:
+        found.metrics[kind] = {
+            **quality(baseline_source(kind, seed=seed)),
+            "passes": {"forward": 0, "backward": 0},
+            "metric_passes": metric_passes(quality_steps),
+        }
+    found.randomization_images = min(scored.n, RANDOMIZATION_IMAGES) if found.curves else 0
+    return found
+
+
+def method_source(name: str, *, seed: int, batch_size: int, settings: dict):
+    """Method `name` as a source of maps, (model, x, target) -> maps: attribution.explain()."""
+    return lambda model, x, target: explain(
+        name, model, x, target=target, seed=seed, batch_size=batch_size, **settings
+    )
+
+
+def baseline_source(kind: str, *, seed: int):
+    """Baseline `kind` (random, center) as a source of maps, (model, x, target) -> maps."""
+    return lambda model, x, target: baseline_maps(kind, len(x), h=x.shape[-2], w=x.shape[-1], seed=seed)
+
+
+def _score_method(name: str, model: nn.Module, shown: Predicted, *, scored, source, quality, batch_size: int):
+    """One method's maps of the shown images and its scores on the scored ones, timed together.
+    Returns (metrics, maps)."""
+    start = time.perf_counter()
+    maps = source(model, shown.x, shown.pred)
+    extra = None
+    if name == "integrated_gradients":
+        extra = {
+            "ig_completeness_error": lambda net, chunk, m: ig_completeness(
+                net, chunk.x, chunk.pred, maps=m, batch_size=batch_size
+            )
+        }
+    scores = quality(source, extra=extra)
+    seconds = (time.perf_counter() - start) / (len(shown.x) + scored.n)
+    return {**scores, "randomization_rho": None, "seconds_per_image": seconds}, maps
+
+
+def _randomization(model: nn.Module, scored: ScoredImages, *, source, passes: int, seed: int) -> list | None:
+    """One method's model-randomisation curve on the first RANDOMIZATION_IMAGES scored images; None on a
+    CPU for a method of more than RANDOMIZATION_MAX_PASSES_CPU passes per image (too costly)."""
+    first = scored.first
+    if first.x.device.type == "cpu" and passes > RANDOMIZATION_MAX_PASSES_CPU:
+        return None
+    nr = min(scored.n, RANDOMIZATION_IMAGES)
+    return randomization_check(
+        model,
+        first.x[:nr],
+        first.pred[:nr].to(first.x.device),
+        method_fn=source,
+        layer_order=default_layer_order(model),
+        seed=seed,
+    )
+
+
+def before_after_maps(
+    untuned: nn.Module,
+    model: nn.Module,
+    shown: Predicted,
+    *,
+    maps_of: dict,
+    methods: list[str],
+    loss: str,
+    seed: int,
+    batch_size: int,
+    settings: dict | None = None,
+) -> list[tuple]:
+    """The untuned network (where finetune starts) and the fine-tuned `model` on the same shown images,
+    each explaining its own predicted class (`loss`'s rule), for gradient and the other one-pass
+    methods of `methods`: a map that fine-tuning does not change does not explain the fine-tuned model
+    (the randomisation check's question, asked of the training). maps_of: the fine-tuned model's maps
+    of the shown images, reused where there. Returns the columns of figures.before_after_figure:
+    (header, maps, predicted class, its probability), untuned then fine-tuned, per method."""
+    settings = dict(settings or {})
+    upred, uprob = predictions(untuned, shown.x, loss, batch_size)
+    names = ["gradient"] + [n for n in methods if n != "gradient" and METHODS[n].passes(**settings) == 1]
+    columns = []
+    for name in names:
+        source = method_source(name, seed=seed, batch_size=batch_size, settings=settings)
+        for who, net, pred, prob in (
+            ("untuned", untuned, upred, uprob),
+            ("fine-tuned", model, shown.pred, shown.prob),
+        ):
+            known = who == "fine-tuned" and name in maps_of
+            maps = maps_of[name] if known else source(net, shown.x, pred)
+            columns.append((f"{who}: {METHODS[name].label}", maps, pred, prob))
+    return columns
+
+
+# ---- the results, as the saliency stage reports them
+
+
+def _mean(entry: dict, key: str) -> float | None:
+    """The mean of score `key`, or None where it does not apply (no such score, or NaN: no images)."""
+    value = entry.get(key)
+    value = value.get("mean") if isinstance(value, dict) else value
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+HEADLINE = ("deletion_auc", "insertion_auc", "pointing_game")
+
+
+def headline_metrics(full: dict, *, methods: list[str]) -> dict:
+    """The declared metrics (metrics/saliency.json) out of the full results (the stage's quality.json):
+    per method of `methods` and the random baseline, the means of deletion and insertion AUC and, where
+    object masks exist, of the pointing game; plus the stage's seconds. A score that does not apply is
+    left out, never NaN."""
+    out = {}
+    for name in [*methods, "random"]:
+        means = {key: _mean(full[name], key) for key in HEADLINE}
+        out[name] = {key: v for key, v in means.items() if v is not None}
+    out["seconds"] = full["seconds"]
+    return out
+
+
+def quality_table(metrics: dict) -> pd.DataFrame:
+    """One row per method (or baseline) and score with an interval: method, metric, mean, low, high."""
+    rows = [
+        (name, metric, v["mean"], v["low"], v["high"])
+        for name, entry in metrics.items()
+        for metric, v in entry.items()
+        if isinstance(v, dict) and "low" in v
+    ]
+    return pd.DataFrame(rows, columns=["method", "metric", "mean", "low", "high"])
+
+
+def quality_table_text(metrics: dict) -> str:
+    """The log's table of the methods' and baselines' headline scores; n/a where a score does not
+    apply (no pointing game without object masks, no randomisation check for a baseline)."""
+
+    def cell(value: float | None, width: int, fmt: str) -> str:
+        return f"{'n/a' if value is None else format(value, fmt):>{width}}"
+
+    lines = [
+        f"  {'method':22} {'deletion AUC':>13} {'insertion AUC':>14} {'pointing':>9} {'rand. rho':>10}",
+        f"  {'':22} {'(low = good)':>13} {'(high = good)':>14} {'(hits)':>9} {'(low = good)':>10}",
+    ]
+    for name, entry in metrics.items():
+        lines.append(
+            f"  {name:22} {cell(_mean(entry, 'deletion_auc'), 13, '.3f')} "
+            f"{cell(_mean(entry, 'insertion_auc'), 14, '.3f')} {cell(_mean(entry, 'pointing_game'), 9, '.2f')} "
+            f"{cell(_mean(entry, 'randomization_rho'), 10, '.2f')}"
+        )
+    return "\n".join(lines)
+
+
+def full_results(
+    scores: SaliencyScores, *, shown: Predicted, scored: ScoredImages, device: str, seconds: float
+) -> dict:
+    """Everything the saliency stage measured (its quality.json): score_methods' metrics per method and
+    baseline, then the images, masks, randomisation check, device and the stage's seconds."""
+    return {
+        **scores.metrics,
+        "n_images": len(shown.x),
+        "n_quality_images": scored.n,
+        "masks": scored.masks is not None,
+        "randomization_images": scores.randomization_images,
+        "randomization_skipped": scores.skipped,
+        "device": device,
+        "seconds": round(seconds, 2),
+    }

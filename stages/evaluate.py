@@ -16,7 +16,7 @@ from cnnlens.model import load_checkpoint, predict_logits, probabilities
 from cnnlens.tensors import center_crop, load_split
 
 
-def predictions_table(paths, y_true, proba, classes) -> pd.DataFrame:
+def predictions_table(paths, y_true, proba, *, classes) -> pd.DataFrame:
     y_pred = proba.argmax(1)
     table = pd.DataFrame(
         {"path": paths, "true": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]}
@@ -27,7 +27,7 @@ def predictions_table(paths, y_true, proba, classes) -> pd.DataFrame:
     return table
 
 
-def write_plots(out, table, y_true, proba, ece_bins) -> None:
+def write_plots(out, table, *, y_true, proba, ece_bins: int) -> None:
     """The plot data (DVC's plots section reads these files) and the predictions table."""
     table[["path", "true", "predicted"]].rename(columns={"true": "actual"}).to_csv(
         out / "confusion.csv", index=False
@@ -40,10 +40,11 @@ def write_plots(out, table, y_true, proba, ece_bins) -> None:
 
 
 def main(argv=None):
-    args, p = stage_args(
+    args, params = stage_args(
         __doc__, ("--data", "--model", "--metrics", "--plots"), argv, outs=("--plots", "--metrics")
     )
-    device = select_device(p.evaluate.device)
+    ep = params.evaluate
+    device = select_device(ep.device)
     model, meta = load_checkpoint(args.model)
     classes = meta["classes"]
     val = load_split(args.data, "val")
@@ -53,10 +54,10 @@ def main(argv=None):
     proba /= proba.sum(1, keepdims=True)  # exact in float64, as scikit-learn checks
     y_true = val.labels.numpy()
     y_pred = proba.argmax(1)
-    scores = classification_metrics(y_true, proba, classes, p.evaluate.ece_bins)
-    table = predictions_table(val.paths, y_true, proba, classes)
+    scores = classification_metrics(y_true, proba, classes, ece_bins=ep.ece_bins)
+    table = predictions_table(val.paths, y_true, proba, classes=classes)
 
-    wrong = np.flatnonzero(y_pred != y_true)[: p.evaluate.gallery_max]
+    wrong = np.flatnonzero(y_pred != y_true)[: ep.gallery_max]
     crops = center_crop(val.images[wrong], meta["input_size"]).float() / 255
     gallery = image_grid(
         [chw_to_hwc(c) for c in crops],
@@ -72,7 +73,7 @@ def main(argv=None):
     cm = confusion(y_true, y_pred, len(classes))
     with atomic_outputs(args.plots, args.metrics) as (out, metrics):  # together, the metrics last
         out.mkdir()
-        write_plots(out, table, y_true, proba, p.evaluate.ece_bins)
+        write_plots(out, table, y_true=y_true, proba=proba, ece_bins=ep.ece_bins)
         save_figure(gallery, out / "misclassified.png")
         write_json(metrics, scores)
     log(

@@ -279,7 +279,13 @@ def test_stage_writes_grids_metrics_and_plot_data(project, tmp_path):
         for layer in LAYERS:
             with Image.open(out / "grids" / stem / f"{layer}.png") as im:
                 assert im.format == "PNG" and im.width > 300
-    assert sorted(p.name for p in out.iterdir()) == ["grids", "layers", "sparsity.csv", "sparsity.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "grids",
+        "layers",
+        "sparsity.csv",
+        "sparsity.png",
+        "stats.json",
+    ]
     # one compact figure per layer, a row per image (the plots page shows these, not the grids)
     assert sorted(p.name for p in (out / "layers").iterdir()) == sorted(f"{layer}.png" for layer in LAYERS)
     for layer in LAYERS:
@@ -288,7 +294,7 @@ def test_stage_writes_grids_metrics_and_plot_data(project, tmp_path):
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["a0", "b2"]
     assert not [p for p in tmp_path.rglob(".*.tmp")]  # atomic writes left no temporaries
 
-    metrics = json.loads((tmp_path / "metrics" / "activations.json").read_text())
+    metrics = json.loads((out / "stats.json").read_text())  # every number; the declared metrics: headline
     assert list(metrics) == LAYERS
     model, meta = load_checkpoint(project["models"])
     x = eval_inputs(project["images"], meta["input_size"])
@@ -310,6 +316,11 @@ def test_stage_writes_grids_metrics_and_plot_data(project, tmp_path):
     assert table["layer"].tolist() == LAYERS
     assert np.allclose(table["sparsity"], [metrics[n]["sparsity"] for n in LAYERS], rtol=1e-12)
     assert np.allclose(table["mean"], [metrics[n]["mean"] for n in LAYERS], rtol=1e-12)
+    headline = json.loads((tmp_path / "metrics" / "activations.json").read_text())
+    assert headline == {
+        "mean_sparsity": pytest.approx(np.mean([metrics[n]["sparsity"] for n in LAYERS]), rel=1e-12),
+        "dead_channels": sum(metrics[n]["dead_channels"] for n in LAYERS),
+    }
 
 
 def run_cli(project, tmp_path, capsys, **activations):
@@ -368,4 +379,27 @@ def test_stage_removes_its_hooks_and_names_colliding_images_apart(project, tmp_p
     assert len(seen) == 1 and no_hooks(seen[0])
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["flat", "val_ants_same", "val_bees_same"]
     assert sorted(p.name for p in (out / "grids" / "flat").iterdir()) == ["layer4.png", "stem.png"]
-    assert list(json.loads((tmp_path / "m.json").read_text())) == ["layer4", "stem"]
+    assert list(json.loads((out / "stats.json").read_text())) == ["layer4", "stem"]
+    assert set(json.loads((tmp_path / "m.json").read_text())) == {"mean_sparsity", "dead_channels"}
+
+
+def test_an_empty_val_split_names_the_shards(project, tmp_path, capsys):
+    """The prepare stage writes packed shards (data/prepared/shards/); the error says so, not val.pt."""
+    from conftest import write_shards
+
+    from cnnlens.tensors import Split
+
+    empty = Split(
+        torch.zeros(0, 3, SIDE, SIDE, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), [], None
+    )
+    train = Split(
+        project["images"][:2].clone(), torch.tensor([0, 1]), ["train/ants/t0.jpg", "train/bees/t1.jpg"], None
+    )
+    write_shards(tmp_path / "prepared" / "shards", {"train": train, "val": empty}, SIDE, 4, masks=False)
+    params = write_params(tmp_path / "params.yaml")
+    argv = stage_argv({**project, "prepared": tmp_path / "prepared"}, tmp_path, params)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(stage.main, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "shards/index.json) holds no images" in err and "val.pt" not in err
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()

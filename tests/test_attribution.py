@@ -8,8 +8,6 @@ LayerGradCam + interpolate 1e-6 relative to the map's max (float32).
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torchvision
@@ -17,9 +15,9 @@ from conftest import small_resnet
 from torch import nn
 
 from cnnlens import attribution as A
-from cnnlens.config import SaliencyParams
 from cnnlens.errors import ParamsError
 from cnnlens.model import predictions
+from cnnlens.tensors import combine_channels, normalize_maps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -165,7 +163,7 @@ def test_ig_of_a_linear_model_is_input_minus_black_times_weight():
     attr = A.integrated_gradients(model, x, pred, steps=4)
     expected = (x - A.black_baseline(x)) * model[1].weight.detach()[pred].view(3, 3, 4, 4)
     torch.testing.assert_close(attr, expected, rtol=1e-5, atol=1e-6)
-    err = A.ig_completeness_error(model, x, None, attr, pred)
+    err = A.ig_completeness_error(model, x, pred, attributions=attr)
     assert (err["rel"] < 1e-4).all()
 
 
@@ -187,7 +185,7 @@ def test_ig_matches_captum_riemann_trapezoid(dtype, rtol):
     theirs = theirs * steps / (steps - 1)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=rtol * float(theirs.abs().max()))
     # completeness: our helper against captum's own convergence delta for our attributions
-    err = A.ig_completeness_error(model, x, None, ours, pred)
+    err = A.ig_completeness_error(model, x, pred, attributions=ours)
     delta = ig.compute_convergence_delta(ours, A.black_baseline(x), x, target=pred)
     torch.testing.assert_close(err["abs"], delta.abs().to(dtype), rtol=rtol * 10, atol=rtol * 10)
 
@@ -204,7 +202,7 @@ def test_ig_with_many_steps_agrees_with_captum_default_gauss_legendre():
     # two different quadratures of the same integral: close, not equal (ReLU kinks)
     cos = torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0)
     assert cos > 0.99
-    err = A.ig_completeness_error(model, x, None, ours, pred)
+    err = A.ig_completeness_error(model, x, pred, attributions=ours)
     assert (err["rel"] < 0.1).all()
 
 
@@ -281,29 +279,50 @@ def test_methods_leave_the_model_unchanged_and_in_eval_mode(name):
 # ---------------------------------------------------------------- dispatch and cost
 
 
-def test_attribute_dispatches_with_the_params():
+def test_attribute_and_explain_take_plain_settings():
+    """No params object: the settings are keyword arguments, the library runs without params.yaml."""
     model = small_resnet()
-    x = images(n=2, side=32)
+    x = images(n=3, side=32)
     pred, _ = predictions(model, x)
-    params = dataclasses.replace(SaliencyParams(), ig_steps=3, smoothgrad_samples=2, smoothgrad_sigma=0.1)
+    settings = {"ig_steps": 3, "smoothgrad_samples": 2, "smoothgrad_sigma": 0.1}
     torch.testing.assert_close(
-        A.attribute("integrated_gradients", model, x, pred, params),
+        A.attribute("integrated_gradients", model, x, target=pred, **settings),
         A.integrated_gradients(model, x, pred, steps=3),
     )
     torch.testing.assert_close(
-        A.attribute("smoothgrad", model, x, pred, params, generator=torch.Generator().manual_seed(4)),
+        A.attribute(
+            "smoothgrad", model, x, target=pred, generator=torch.Generator().manual_seed(4), **settings
+        ),
         A.smoothgrad(model, x, pred, sigma=0.1, samples=2, seed=4),
     )
-    torch.testing.assert_close(A.attribute("gradient", model, x, pred, params), A.gradient(model, x, pred))
-    assert A.attribute("gradcam", model, x, pred, params).shape == (2, 1, 32, 32)
+    torch.testing.assert_close(A.attribute("gradient", model, x, target=pred), A.gradient(model, x, pred))
+    assert A.attribute("gradcam", model, x, target=pred).shape == (3, 1, 32, 32)
     with pytest.raises(ParamsError, match="unknown saliency method"):
-        A.attribute("lime", model, x, pred, params)
+        A.attribute("lime", model, x, target=pred)
+    # explain: batch_size images at a time on the CPU, SmoothGrad's noise from a generator seeded with
+    # `seed` on every call (one batch's noise continues into the next)
+    maps = A.explain("smoothgrad", model, x, target=pred, seed=4, batch_size=2, **settings)
+    assert maps.device.type == "cpu" and maps.shape == x.shape
+    gen = torch.Generator().manual_seed(4)
+    by_hand = [
+        A.smoothgrad(model, xb, tb, sigma=0.1, samples=2, generator=gen)
+        for xb, tb in zip(x.split(2), pred.split(2))
+    ]
+    torch.testing.assert_close(maps, torch.cat(by_hand))
+    torch.testing.assert_close(
+        A.explain("integrated_gradients", model, x, target=pred, seed=0, batch_size=2, ig_steps=3),
+        A.integrated_gradients(model, x, pred, steps=3),
+    )
 
 
-def test_passes_per_image():
-    params = dataclasses.replace(SaliencyParams(), ig_steps=20, smoothgrad_samples=9)
-    passes = {name: m.passes(params) for name, m in A.METHODS.items()}
+def test_passes_and_descriptions_take_plain_settings():
+    passes = {name: m.passes(ig_steps=20, smoothgrad_samples=9) for name, m in A.METHODS.items()}
     assert passes == {"gradient": 1, "gradcam": 1, "smoothgrad": 9, "integrated_gradients": 20}
+    defaults = {name: m.passes() for name, m in A.METHODS.items()}  # the library's own defaults
+    assert defaults["smoothgrad"] == A.SMOOTHGRAD_SAMPLES and defaults["integrated_gradients"] == A.IG_STEPS
+    assert "9 noisy copies" in A.METHODS["smoothgrad"].describe(smoothgrad_samples=9, smoothgrad_sigma=0.2)
+    assert "20 steps" in A.METHODS["integrated_gradients"].describe(ig_steps=20)
+    assert A.pixel_note("gradient", None, None) == "max over R, G, B"
 
 
 # ---------------------------------------------------------------- normalise, combine, predict
@@ -313,16 +332,16 @@ def test_normalize_constant_maps_become_zeros_never_nan():
     maps = torch.stack([torch.full((3, 4, 4), 2.5), torch.zeros(3, 4, 4)])
     for mode in ("minmax", "percentile"):
         for per_channel in (False, True):
-            out = A.normalize_maps(maps, mode=mode, per_channel=per_channel)
+            out = normalize_maps(maps, mode=mode, per_channel=per_channel)
             assert torch.equal(out, torch.zeros_like(maps))
 
 
 def test_normalize_minmax_per_image_and_per_channel():
     maps = torch.tensor([[[[0.0, 2.0]], [[4.0, 8.0]]]])  # 1 x 2 x 1 x 2
-    assert A.normalize_maps(maps).tolist() == [[[[0.0, 0.25]], [[0.5, 1.0]]]]
-    assert A.normalize_maps(maps, per_channel=True).tolist() == [[[[0.0, 1.0]], [[0.0, 1.0]]]]
+    assert normalize_maps(maps).tolist() == [[[[0.0, 0.25]], [[0.5, 1.0]]]]
+    assert normalize_maps(maps, per_channel=True).tolist() == [[[[0.0, 1.0]], [[0.0, 1.0]]]]
     two = torch.stack([torch.arange(4.0).view(2, 2), 10 * torch.arange(4.0).view(2, 2) + 3])
-    out = A.normalize_maps(two)  # N x H x W: each image on its own
+    out = normalize_maps(two)  # N x H x W: each image on its own
     assert torch.allclose(out[0], out[1]) and out[0].max() == 1 and out[0].min() == 0
 
 
@@ -330,13 +349,13 @@ def test_normalize_percentile_clips_outliers_like_numpy():
     np = pytest.importorskip("numpy")
     v = torch.arange(100.0)
     v[-1] = 1e6  # one outlier
-    out = A.normalize_maps(v.view(1, 10, 10), mode="percentile", percentile=90.0).flatten()
+    out = normalize_maps(v.view(1, 10, 10), mode="percentile", percentile=90.0).flatten()
     ref = np.clip((v.numpy() - 0) / (np.percentile(v.numpy(), 90) - 0), 0, 1)
     assert torch.allclose(out, torch.from_numpy(ref).float(), atol=1e-6)
     # per image, at a percentile between two values (numpy's linear interpolation)
     g = torch.Generator().manual_seed(0)
     maps = torch.rand(3, 2, 5, 7, generator=g) ** 3
-    out = A.normalize_maps(maps, mode="percentile", percentile=97.3)
+    out = normalize_maps(maps, mode="percentile", percentile=97.3)
     for i in range(3):
         m = maps[i].numpy()
         ref = np.clip((m - m.min()) / (np.percentile(m, 97.3) - m.min()), 0, 1)
@@ -344,13 +363,13 @@ def test_normalize_percentile_clips_outliers_like_numpy():
     # a sparse map whose percentile equals its minimum falls back to the max
     sparse = torch.zeros(1, 10, 10)
     sparse[0, 0, 0] = 4.0
-    assert A.normalize_maps(sparse, mode="percentile", percentile=99.0)[0, 0, 0] == 1.0
+    assert normalize_maps(sparse, mode="percentile", percentile=99.0)[0, 0, 0] == 1.0
 
 
 def test_combine_channels_is_the_max_over_channels():
     maps = torch.tensor([[[[1.0, 5.0]], [[3.0, 2.0]], [[0.0, 4.0]]]])  # 1 x 3 x 1 x 2
-    assert A.combine_channels(maps).tolist() == [[[3.0, 5.0]]]
-    assert A.combine_channels(torch.ones(2, 1, 3, 3)).shape == (2, 3, 3)
+    assert combine_channels(maps).tolist() == [[[3.0, 5.0]]]
+    assert combine_channels(torch.ones(2, 1, 3, 3)).shape == (2, 3, 3)
 
 
 def test_predictions_are_the_max_logit_and_its_softmax_probability():

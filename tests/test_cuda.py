@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, make_prepared, make_weights_dir, run_stage, write_params
 
 from cnnlens.attribution import METHODS, explain
-from cnnlens.config import SaliencyParams, TrainParams
+from cnnlens.config import TrainParams
 from cnnlens.model import build_model, to_device
 from cnnlens.tensors import load_split, normalize, random_resized_crop
 from cnnlens.training import configure, sgd_update, train
@@ -180,14 +180,14 @@ def test_saliency_on_gpu_equals_cpu(name):
     torch.backends.cudnn.allow_tf32 = False
     x = batch(4, 64)
     model = calibrated_model(x)
-    sp = SaliencyParams(smoothgrad_samples=4, ig_steps=8, batch_size=4)
+    settings = {"smoothgrad_samples": 4, "ig_steps": 8, "batch_size": 4, "seed": 0}
     target = model(x).argmax(1)
-    cpu = explain(name, to_device(model, torch.device("cpu")), x, target, sp, seed=0)
-    gpu = explain(name, to_device(model, torch.device("cuda")), x.cuda(), target, sp, seed=0)
+    cpu = explain(name, to_device(model, torch.device("cpu")), x, target=target, **settings)
+    gpu = explain(name, to_device(model, torch.device("cuda")), x.cuda(), target=target, **settings)
     scale = cpu.abs().flatten(1).amax(1).clamp_min(1e-6 * float(cpu.abs().max()) + 1e-30)
     scale = scale.view(-1, *[1] * (cpu.dim() - 1))  # an all-zero Grad-CAM map is scored against the batch's
     err = (gpu - cpu).abs() / scale
-    if METHODS[name].passes(sp) == 1:
+    if METHODS[name].passes(**settings) == 1:
         assert err.max() <= 1e-4
     else:
         # SmoothGrad and IG take gradients at noisy or interpolated inputs, where many ReLUs sit near 0:

@@ -498,7 +498,7 @@ def test_compare_reads_each_experiment_and_writes_one_comparison(loss_edited, pa
         ev, sal = metrics["metrics/eval.json"]["data"], metrics["metrics/saliency.json"]["data"]
         for key in ("accuracy", "balanced_accuracy", "ece", "log_loss"):  # the evaluate stage's own numbers
             assert table.loc[loss, key] == pytest.approx(ev[key], abs=1e-5), (loss, key)
-        assert table.loc[loss, "deletion_auc"] == pytest.approx(sal["gradient"]["deletion_auc"])
+        assert table.loc[loss, "deletion_auc"] == pytest.approx(sal["gradient"]["deletion_auc"])  # a mean
     for png in ("accuracy_vs_saliency.png", "saliency_by_loss.png"):
         assert (tmp_path / "cmp" / png).read_bytes().startswith(b"\x89PNG")
     assert "| cross_entropy |" in (tmp_path / "cmp" / "comparison.md").read_text()

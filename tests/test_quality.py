@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from conftest import small_resnet
+from scipy import stats
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
@@ -43,7 +44,7 @@ def test_deletion_and_insertion_by_hand():
     target = torch.tensor([0])
     good = x[:, 0].clone()  # ranks the pixels 1.0, 0.5, 0.25, 0.0
     out = Q.deletion_insertion(
-        MeanPixelModel(), x, target, good, steps=4, insertion_start=torch.zeros_like(x)
+        MeanPixelModel(), x, target, maps=good, steps=4, insertion_start=torch.zeros_like(x)
     )
     # deletion removes one pixel per step: channel-0 sums 1.75, 0.75, 0.25, 0, 0 over 4 pixels,
     # p = 0.1 + 0.8 * sum / 4
@@ -57,7 +58,7 @@ def test_deletion_and_insertion_by_hand():
 
     # the reversed ranking deletes the zero pixel first: sums 1.75, 1.75, 1.5, 1.0, 0
     bad = Q.deletion_insertion(
-        MeanPixelModel(), x, target, -good, steps=4, insertion_start=torch.zeros_like(x)
+        MeanPixelModel(), x, target, maps=-good, steps=4, insertion_start=torch.zeros_like(x)
     )
     assert torch.allclose(bad["deletion_curve"], torch.tensor([[0.45, 0.45, 0.40, 0.30, 0.10]]))
     assert torch.allclose(bad["deletion_auc"], torch.tensor([0.35625]))
@@ -65,7 +66,7 @@ def test_deletion_and_insertion_by_hand():
 
 def test_deletion_rounds_the_pixel_count_when_steps_do_not_divide_it():
     x = two_by_two()
-    out = Q.deletion_insertion(MeanPixelModel(), x, torch.tensor([0]), x[:, 0], steps=3)
+    out = Q.deletion_insertion(MeanPixelModel(), x, torch.tensor([0]), maps=x[:, 0], steps=3)
     # round(4 * k / 3) = 0, 1, 3, 4 pixels deleted: sums 1.75, 0.75, 0.0, 0.0
     assert torch.allclose(out["deletion_curve"], torch.tensor([[0.45, 0.25, 0.10, 0.10]]))
 
@@ -76,7 +77,7 @@ def test_insertion_starts_from_the_default_blur_and_ends_at_the_image():
     target = torch.zeros(3, dtype=torch.long)
     maps = torch.rand(3, 32, 32, generator=g)
     model = MeanPixelModel()
-    out = Q.deletion_insertion(model, x, target, maps, steps=5)
+    out = Q.deletion_insertion(model, x, target, maps=maps, steps=5)
     k, s = Q.default_blur(32)
     assert k % 2 == 1 and 3 <= k <= 7  # about 1/8 of the side
     blurred = gaussian_blur(x, [k, k], [s, s])
@@ -86,7 +87,7 @@ def test_insertion_starts_from_the_default_blur_and_ends_at_the_image():
     assert torch.allclose(out["deletion_curve"][:, 0], prob(x), atol=1e-6)
     assert torch.allclose(out["deletion_curve"][:, -1], prob(torch.zeros_like(x)), atol=1e-6)
     # chunking does not change the result
-    small = Q.deletion_insertion(model, x, target, maps, steps=5, batch_size=1)
+    small = Q.deletion_insertion(model, x, target, maps=maps, steps=5, batch_size=1)
     for key in ("deletion_curve", "insertion_curve"):
         assert torch.allclose(small[key], out[key])
 
@@ -97,11 +98,11 @@ def test_a_map_that_follows_the_model_beats_the_random_and_centre_baselines():
     target = torch.zeros(4, dtype=torch.long)
     model = MeanPixelModel()
     score = lambda maps: Q.deletion_insertion(
-        model, x, target, maps, steps=8, insertion_start=torch.zeros_like(x)
+        model, x, target, maps=maps, steps=8, insertion_start=torch.zeros_like(x)
     )
     good = score(x[:, 0])
     for baseline in (
-        Q.random_maps(4, 16, 16, torch.Generator().manual_seed(2)),
+        Q.random_maps(4, 16, 16, generator=torch.Generator().manual_seed(2)),
         Q.center_prior_maps(4, 16, 16),
     ):
         base = score(baseline)
@@ -124,8 +125,8 @@ def test_ties_are_broken_in_raster_order_or_at_random_with_a_generator():
 
 
 def test_random_and_centre_prior_maps():
-    a = Q.random_maps(2, 5, 6, torch.Generator().manual_seed(3))
-    b = Q.random_maps(2, 5, 6, torch.Generator().manual_seed(3))
+    a = Q.random_maps(2, 5, 6, generator=torch.Generator().manual_seed(3))
+    b = Q.random_maps(2, 5, 6, generator=torch.Generator().manual_seed(3))
     assert a.shape == (2, 5, 6) and torch.equal(a, b) and not torch.equal(a[0], a[1])
     c = Q.center_prior_maps(2, 5, 7, sigma_frac=0.5)
     assert c.shape == (2, 5, 7) and torch.equal(c[0], c[1])
@@ -139,7 +140,6 @@ def test_random_and_centre_prior_maps():
 
 
 def test_spearman_matches_scipy_with_ties():
-    stats = pytest.importorskip("scipy.stats", reason="scipy (brought by scikit-learn) is not installed")
     g = torch.Generator().manual_seed(0)
     a = torch.rand(3, 8, 8, generator=g)
     b = a + 0.5 * torch.rand(3, 8, 8, generator=g)
@@ -151,6 +151,10 @@ def test_spearman_matches_scipy_with_ties():
         assert abs(float(ours[i]) - ref) < 1e-9
     assert Q.spearman(a[:1], -a[:1]).item() == pytest.approx(-1.0)
     assert Q.spearman(torch.ones(1, 4, 4), a[:1]).item() == 0.0  # undefined: reported as 0
+    assert Q.spearman(a[:1], torch.zeros(1, 4, 4)).item() == 0.0
+    # the hand-made rule it replaced: Pearson correlation of average ranks, to the last bits
+    ra, rb = (stats.rankdata(t[0].flatten().numpy()) for t in (a, b))
+    assert Q.spearman(a[:1], b[:1]).item() == pytest.approx(np.corrcoef(ra, rb)[0, 1], abs=1e-15)
 
 
 def test_randomization_check_leaves_the_model_alone_and_starts_at_one():
@@ -159,7 +163,7 @@ def test_randomization_check_leaves_the_model_alone_and_starts_at_one():
     rng_before = torch.random.get_rng_state()
     x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(1))
     pred, _ = predictions(model, x)
-    result = Q.randomization_check(model, x, pred, A.gradient, seed=0)
+    result = Q.randomization_check(model, x, pred, method_fn=A.gradient, seed=0)
     assert [name for name, _ in result] == [
         "original",
         "fc",
@@ -176,17 +180,18 @@ def test_randomization_check_leaves_the_model_alone_and_starts_at_one():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(torch.random.get_rng_state(), rng_before)
-    assert Q.randomization_check(model, x, pred, A.gradient, ["fc"], seed=0) == result[:2]
+    assert (
+        Q.randomization_check(model, x, pred, method_fn=A.gradient, layer_order=["fc"], seed=0) == result[:2]
+    )
 
 
 def test_randomization_of_a_linear_head_by_hand():
-    stats = pytest.importorskip("scipy.stats", reason="scipy (brought by scikit-learn) is not installed")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     pred, _ = predictions(model, x)
     assert Q.default_layer_order(model) == ["1"]
-    result = Q.randomization_check(model, x, pred, A.gradient, seed=5)
+    result = Q.randomization_check(model, x, pred, method_fn=A.gradient, seed=5)
     # the gradient of a linear model is its weight row; re-drawn with the seed of step 1 (5 + 1)
     old = model[1].weight.detach().clone()
     fresh = nn.Linear(3 * 4 * 4, 3)
@@ -258,3 +263,100 @@ def test_bootstrap_ci_contains_the_mean_and_shrinks_like_one_over_root_n():
     assert Q.bootstrap_ci([1.0, 2.0, 4.0])["mean"] == pytest.approx(7 / 3)
     empty = Q.bootstrap_ci([])
     assert empty["n"] == 0 and math.isnan(empty["mean"])
+
+
+def test_bootstrap_ci_is_the_percentile_bootstrap_it_replaced():
+    """scipy.stats.bootstrap draws the same resamples from the same seeded Generator as the hand-written
+    loop did: the intervals agree to float rounding (scipy's 0.025 is 1 - 0.95 halved, 2e-17 off)."""
+    v = np.random.default_rng(1).normal(size=40)
+    rng = np.random.default_rng(7)
+    means = v[rng.integers(0, v.size, size=(500, v.size))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    ci = Q.bootstrap_ci(v, n_resamples=500, seed=7)
+    assert ci["mean"] == v.mean() and ci["n"] == 40
+    assert ci["low"] == pytest.approx(low, rel=1e-14) and ci["high"] == pytest.approx(high, rel=1e-14)
+    assert Q.bootstrap_ci([2.5]) == {"mean": 2.5, "low": 2.5, "high": 2.5, "n": 1}  # scipy needs two
+
+
+# ---------------------------------------------------------------- scoring sources of maps
+
+
+class Chunk:
+    def __init__(self, x, pred, masks=None):
+        self.x, self.pred, self.masks = x, pred, masks
+
+
+def test_score_maps_scores_a_method_and_a_baseline_alike():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(5, 3, 12, 12, generator=g)
+    pred = torch.zeros(5, dtype=torch.long)
+    masks = torch.zeros(5, 12, 12, dtype=torch.uint8)
+    masks[:, 3:9, 3:9] = 1
+    model = MeanPixelModel()
+    kw = {"steps": 4, "seed": 3, "batch_size": 4}
+    for source in (Q.baseline_source("center", seed=3), lambda net, xx, t: xx[:, 0].clone()):
+        maps = source(model, x, pred)
+        raw = Q.quality_scores(model, x, pred, maps=maps, masks=masks, **kw)
+        by_hand = {k: Q.bootstrap_ci(v, n_resamples=30, seed=3) for k, v in raw.items()}
+        one = Q.score_maps(model, [Chunk(x, pred, masks)], source, bootstrap=30, **kw)
+        assert one == by_hand and list(one) == [
+            "deletion_auc",
+            "insertion_auc",
+            "pointing_game",
+            "mass_inside",
+        ]
+        # chunks: the per-image scores of every chunk together, so the same numbers
+        two = Q.score_maps(
+            model,
+            [Chunk(x[:2], pred[:2], masks[:2]), Chunk(x[2:], pred[2:], masks[2:])],
+            source,
+            bootstrap=30,
+            **kw,
+        )
+        assert two == one
+    extra = {"first_pixel": lambda net, chunk, maps: maps.flatten(1)[:, 0].double()}
+    no_masks = Q.score_maps(
+        model, [Chunk(x, pred)], Q.baseline_source("random", seed=0), bootstrap=30, extra=extra, **kw
+    )
+    assert list(no_masks) == ["deletion_auc", "insertion_auc", "first_pixel"]  # no masks: no pointing game
+
+
+def test_headline_metrics_and_the_log_table_leave_out_what_does_not_apply():
+    ci = lambda m: {"mean": m, "low": m - 0.1, "high": m + 0.1, "n": 4}
+    full = {
+        "gradient": {
+            "deletion_auc": ci(0.2),
+            "insertion_auc": ci(0.7),
+            "randomization_rho": 0.1,
+            "passes": {},
+        },
+        "gradcam": {"deletion_auc": ci(0.3), "insertion_auc": ci(0.6), "randomization_rho": None},
+        "random": {"deletion_auc": ci(0.5), "insertion_auc": ci(0.5), "passes": {}},
+        "center": {"deletion_auc": ci(0.4), "insertion_auc": ci(0.55)},
+        "n_images": 2,
+        "seconds": 3.5,
+    }
+    assert Q.headline_metrics(full, methods=["gradient", "gradcam"]) == {
+        "gradient": {"deletion_auc": 0.2, "insertion_auc": 0.7},
+        "gradcam": {"deletion_auc": 0.3, "insertion_auc": 0.6},
+        "random": {"deletion_auc": 0.5, "insertion_auc": 0.5},
+        "seconds": 3.5,
+    }
+    full["gradient"]["pointing_game"] = ci(0.75)
+    full["gradcam"]["pointing_game"] = ci(float("nan"))  # no images scored: does not apply either
+    headline = Q.headline_metrics(full, methods=["gradient", "gradcam"])
+    assert headline["gradient"]["pointing_game"] == 0.75 and "pointing_game" not in headline["gradcam"]
+    text = Q.quality_table_text({k: v for k, v in full.items() if k in ("gradient", "gradcam", "random")})
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:]}
+    assert rows == {
+        "gradient": ["0.200", "0.700", "0.75", "0.10"],
+        "gradcam": ["0.300", "0.600", "n/a", "n/a"],
+        "random": ["0.500", "0.500", "n/a", "n/a"],
+    }
+    assert "nan" not in text
+    table = Q.quality_table({"gradient": full["gradient"]})
+    assert table.values.tolist() == [
+        ["gradient", "deletion_auc", 0.2, 0.1, 0.30000000000000004],
+        ["gradient", "insertion_auc", 0.7, 0.6, 0.7999999999999999],
+        ["gradient", "pointing_game", 0.75, 0.65, 0.85],
+    ]

@@ -12,6 +12,7 @@ import torch
 from conftest import checkpoint_meta, make_prepared, make_weights_dir, run_stage, write_params
 
 from cnnlens import attribution as A
+from cnnlens import quality
 from cnnlens.cli import run_main
 from cnnlens.model import build_model, load_checkpoint, save_checkpoint
 from cnnlens.tensors import eval_inputs, load_split, select_images
@@ -78,6 +79,7 @@ def full_run(project, tmp_path_factory):
     return {
         "out": out / "plots" / "saliency",
         "metrics": json.loads((out / "metrics" / "saliency.json").read_text()),
+        "quality": json.loads((out / "plots" / "saliency" / "quality.json").read_text()),
         "stderr": done.stderr,
     }
 
@@ -92,7 +94,13 @@ def test_every_declared_output_exists(full_run, project):
             assert (
                 out / "figures" / name / (path.split("/")[-1].rsplit(".", 1)[0] + ".png")
             ).stat().st_size > 0
-    for name in ("figures/before_after.png", "figures/randomization.png", "randomization.csv", "quality.csv"):
+    for name in (
+        "figures/before_after.png",
+        "figures/randomization.png",
+        "randomization.csv",
+        "quality.csv",
+        "quality.json",
+    ):
         assert (out / name).stat().st_size > 0
     # figures/ holds images only: dvc.yaml declares the folder as one image plot
     assert {f.suffix for f in (out / "figures").rglob("*") if f.is_file()} == {".png"}
@@ -121,8 +129,8 @@ def test_npz_holds_raw_maps_equal_to_gradient_and_captum(full_run, project):
     assert (ig < 0).any()  # stored raw (signed); only the figures and metrics take abs
 
 
-def test_metrics_cover_methods_and_baselines_with_intervals(full_run):
-    m = full_run["metrics"]
+def test_quality_json_covers_methods_and_baselines_with_intervals(full_run):
+    m = full_run["quality"]
     assert (
         m["n_images"] == SMALL["num_images"]
         and m["n_quality_images"] == SMALL["quality_images"]
@@ -152,7 +160,7 @@ def test_metrics_cover_methods_and_baselines_with_intervals(full_run):
 
 
 def test_randomization_runs_for_one_pass_methods_on_cpu_and_says_which_it_skipped(full_run):
-    m, rand = full_run["metrics"], pd.read_csv(full_run["out"] / "randomization.csv")
+    m, rand = full_run["quality"], pd.read_csv(full_run["out"] / "randomization.csv")
     assert m["randomization_skipped"] == ["smoothgrad", "integrated_gradients"]
     assert sorted(rand.columns) == ["gradcam", "gradient", "layer", "step"]
     assert rand.layer.tolist() == ["original", "fc", "layer4", "layer3", "layer2", "layer1", "conv1+bn1"]
@@ -161,6 +169,19 @@ def test_randomization_runs_for_one_pass_methods_on_cpu_and_says_which_it_skippe
         assert rand[name].iloc[0] == pytest.approx(1.0)  # the unmodified copy gives the same map
         assert m[name]["randomization_rho"] == rand[name].iloc[-1]
     assert m["smoothgrad"]["randomization_rho"] is None
+    assert m["randomization_images"] == SMALL["quality_images"]
+    assert m["gradient"]["metric_passes"]["randomization"] == {"forward": 7 + 1, "backward": 7 + 1}
+
+
+def test_declared_metrics_are_the_headline_only(full_run):
+    """metrics/saliency.json (what `dvc exp show` and `dvc metrics diff` show): per method and the random
+    map the mean deletion AUC, insertion AUC and (masks here) pointing game, plus seconds; nothing else."""
+    m, q = full_run["metrics"], full_run["quality"]
+    assert list(m) == [*METHODS, "random", "seconds"]
+    for name in [*METHODS, "random"]:
+        assert m[name] == {k: q[name][k]["mean"] for k in ("deletion_auc", "insertion_auc", "pointing_game")}
+    assert m["seconds"] == q["seconds"] > 0
+    assert sum(len(v) if isinstance(v, dict) else 1 for v in m.values()) == 3 * (len(METHODS) + 1) + 1
 
 
 def test_explicit_image_list_is_explained_in_its_order(project, tmp_path):
@@ -218,14 +239,31 @@ def test_quality_over_all_of_val_in_chunks_equals_one_chunk(project, tmp_path, m
     small["before_after"] = False
     runs = {}
     for chunk in (256, 3):  # 8 val images: one chunk, then chunks of 3, 3 and 2
-        monkeypatch.setattr(stage, "QUALITY_CHUNK", chunk)
+        monkeypatch.setattr(quality, "QUALITY_CHUNK", chunk)
         out = tmp_path / str(chunk)
         out.mkdir()
         params = write_params(out / "params.yaml", {"saliency": small})
         run_main(stage.main, [str(a) for a in args(project, out, params)])
-        runs[chunk] = json.loads((out / "metrics" / "saliency.json").read_text())
+        runs[chunk] = json.loads((out / "plots" / "saliency" / "quality.json").read_text())
     for name in ("gradient", "gradcam", "center"):
         one, chunked = runs[256][name], runs[3][name]
         scores = [k for k, v in one.items() if isinstance(v, dict) and "mean" in v]
         assert scores and all(chunked[k] == one[k] for k in scores), name
     assert runs[3]["n_quality_images"] == runs[256]["n_quality_images"] == 8  # every val image, none dropped
+
+
+def test_without_masks_the_pointing_game_is_n_a_and_left_out(project, tmp_path, capsys):
+    """Real data has no object masks: the pointing game does not apply. The log says n/a (not nan) and
+    neither JSON has the key."""
+    plain = {**project, "prepared": make_prepared(tmp_path / "prepared", n_train=2, n_val=4, size=SIDE)}
+    small = {**SMALL, "methods": ["gradient"], "randomization": False, "before_after": False}
+    params = write_params(tmp_path / "params.yaml", {"saliency": small})
+    run_main(stage.main, [str(a) for a in args(plain, tmp_path, params)])
+    err = capsys.readouterr().err
+    rows = {line.split()[0]: line.split()[1:] for line in err.splitlines() if line.startswith("  ")}
+    assert rows["gradient"][2:] == ["n/a", "n/a"] and rows["center"][2] == "n/a"
+    assert "nan" not in err
+    metrics = json.loads((tmp_path / "metrics" / "saliency.json").read_text())
+    assert metrics["gradient"].keys() == metrics["random"].keys() == {"deletion_auc", "insertion_auc"}
+    full = json.loads((tmp_path / "plots" / "saliency" / "quality.json").read_text())
+    assert not full["masks"] and "pointing_game" not in full["gradient"]
