@@ -125,7 +125,7 @@ HEAT_CMAP = "inferno"  # dark = not salient, bright yellow = most salient; reada
 
 
 def scale_label(mode: str, percentile: float) -> str:
-    """What 0 and 1 mean on a saliency map scaled by attribution.normalize_maps."""
+    """What 0 and 1 mean on a saliency map scaled by tensors.normalize_maps."""
     if mode == "percentile":
         return f"0 = min, 1 = {percentile:g}th percentile and above, per image"
     return "0 = min, 1 = max, per image"
