@@ -85,18 +85,25 @@ def spread_index(n: int, count: int) -> torch.Tensor:
     return torch.linspace(0, n - 1, min(count, n)).round().long().unique()
 
 
+def mean_std(device=None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as 1 x 3 x 1 x 1 tensors (torch's default dtype unless `dtype`), to broadcast
+    over N x 3 x H x W images."""
+    return (
+        torch.tensor(MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
+        torch.tensor(STD, device=device, dtype=dtype).view(1, 3, 1, 1),
+    )
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 or [0,1] float N x 3 x H x W -> ImageNet-normalised float32."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = mean_std(x.device)
     return (x - mean) / std
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """Normalised N x 3 x H x W -> [0,1] float, for display."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = mean_std(x.device)
     return (x * std + mean).clamp(0, 1)
 
 

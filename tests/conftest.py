@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from cnnlens.shards import ShardWriter, write_index
+from cnnlens.tensors import MEAN, STD
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "hymenoptera_data"
@@ -152,6 +153,6 @@ def checkpoint_meta(crop: int, loss: str = "cross_entropy") -> dict:
         "input_size": crop,
         "loss": loss,
         "mode": "finetune",
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
+        "mean": list(MEAN),
+        "std": list(STD),
     }
