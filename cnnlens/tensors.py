@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlens.errors import StageError
-from cnnlens.files import load_torch
-from cnnlens.shards import INDEX, ShardedTensor, open_split
+from cnnlens.shards import ShardedTensor, open_split
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, as in the tutorial
 STD = (0.229, 0.224, 0.225)
@@ -45,16 +44,8 @@ class Split:
 
 def load_split(prepared: str | Path, split: str) -> Split:
     """The split as the prepare stage wrote it: memory-mapped shards (shards/index.json), read only
-    where indexed; or, from an older prepare, one packed `<split>.pt` loaded whole."""
-    shards = Path(prepared) / "shards"
-    if (shards / INDEX).exists() or not (Path(prepared) / f"{split}.pt").exists():
-        return Split(*open_split(shards, split))
-    path = Path(prepared) / f"{split}.pt"
-    blob = load_torch(path, what=f"packed {split} split (written by the prepare stage)")
-    try:
-        return Split(blob["images"], blob["labels"], list(blob["paths"]), blob.get("masks"))
-    except (KeyError, TypeError) as exc:
-        raise StageError(f"{path}: not a packed split (missing {exc}); rerun `dvc repro prepare`") from exc
+    where indexed."""
+    return Split(*open_split(Path(prepared) / "shards", split))
 
 
 def load_classes(prepared: str | Path) -> list[str]:

@@ -151,11 +151,9 @@ class GraphedStep:
         # capturing ran nothing: copy and replay this batch as every later one (see __call__)
 
 
-def place(train_images, val_images, resident_mb, device) -> tuple:
+def place(train_images: ShardedTensor, val_images: ShardedTensor, resident_mb, device) -> tuple:
     """The packed images for training: on the device when they fit train.resident_mb (the resident
     path), else the memory-mapped shards as they are (streamed; always with auto on a CPU)."""
-    if not isinstance(train_images, ShardedTensor):  # an in-memory split (older prepare, tests)
-        return train_images.to(device), val_images.to(device)  # uint8: 244 x 3 x 256 x 256 is 48 MB
     need = train_images.nbytes + val_images.nbytes
     budget = resident_budget(resident_mb, device)
     if need <= budget:

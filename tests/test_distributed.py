@@ -29,6 +29,7 @@ from cnnlens.training import train
 
 # A global batch of 6 over 21 images: batches 6, 6, 6, 3; the last splits 1 + 2 over two ranks, so the
 # uneven-slice loss scaling runs too. Augmentation on (random boxes and flips from the one generator).
+# The images resident in memory (resident_mb), as the streaming test below compares against.
 SAME = {
     **TINY_TRAIN,
     "epochs": 2,
@@ -37,6 +38,7 @@ SAME = {
     "lr": 0.02,
     "step_size": 10,
     "sync_batchnorm": True,
+    "resident_mb": 1024,
 }
 
 

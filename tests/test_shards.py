@@ -134,25 +134,22 @@ def run_training(prepared, resident_mb, seed=0):
 @pytest.mark.trajectory
 def test_streamed_training_equals_resident_training_bit_for_bit(tmp_path, one_thread):
     """Same seed, same data: streaming batches from 5 shards (resident_mb: 0), holding the set in memory
-    (resident_mb: 1024) and the old single-file split give the same weights and metrics, exactly."""
+    (resident_mb: 1024) and the same images in one shard give the same weights and metrics, exactly."""
     train_split, val_split = random_split(23, 20, 0), random_split(7, 20, 1, "val")
     write_shards(tmp_path / "sharded" / "shards", {"train": train_split, "val": val_split}, 20, 5)
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    for name, s in (("train", train_split), ("val", val_split)):
-        torch.save({"images": s.images, "labels": s.labels, "paths": s.paths}, legacy / f"{name}.pt")
+    write_shards(tmp_path / "one" / "shards", {"train": train_split, "val": val_split}, 20)
     streamed, h_streamed = run_training(tmp_path / "sharded", 0)
     resident, h_resident = run_training(tmp_path / "sharded", 1024)
-    old, h_old = run_training(legacy, "auto")
-    assert h_streamed.streamed and not h_resident.streamed and not h_old.streamed
+    one, h_one = run_training(tmp_path / "one", "auto")
+    assert h_streamed.streamed and not h_resident.streamed and h_one.streamed
     strip = [
         [{k: v for k, v in e.items() if k != "seconds"} for e in h.epochs]
-        for h in (h_streamed, h_resident, h_old)
+        for h in (h_streamed, h_resident, h_one)
     ]
     assert strip[0] == strip[1] == strip[2]
     for name, value in resident.items():
         assert torch.equal(streamed[name], value), name
-        assert torch.equal(old[name], value), name
+        assert torch.equal(one[name], value), name
 
 
 def test_auto_streams_on_a_cpu_and_a_budget_keeps_what_fits(tmp_path):
