@@ -117,6 +117,7 @@ def predict_logits(
     model: nn.Module,
     images: torch.Tensor,
     crop: int,
+    *,
     device: torch.device,
     amp: bool = False,
     batch_size: int = 128,
@@ -140,7 +141,7 @@ def probabilities(logits: torch.Tensor, loss: str) -> torch.Tensor:
 
 @torch.no_grad()
 def predictions(
-    model: nn.Module, x: Tensor, loss: str = "cross_entropy", batch_size: int = 64
+    model: nn.Module, x: Tensor, loss: str = "cross_entropy", *, batch_size: int = 64
 ) -> tuple[Tensor, Tensor]:
     """(pred N, prob N) on the CPU: the max-logit class (the saliency target) and its probability
     as the training loss models it."""

@@ -177,7 +177,7 @@ def resample(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tens
 
 
 def normalize_maps(
-    maps: torch.Tensor, mode: str = "minmax", percentile: float = 99.0, per_channel: bool = False
+    maps: torch.Tensor, mode: str = "minmax", percentile: float = 99.0, *, per_channel: bool = False
 ) -> torch.Tensor:
     """Scale each map to [0, 1], per image (and per channel when per_channel).
 

@@ -75,19 +75,21 @@ def set_train_mode(model: nn.Module, mode: str) -> None:
         model.train()
 
 
-def backbone_features(model: nn.Module, images: torch.Tensor, crop: int, device, amp: bool) -> torch.Tensor:
+def backbone_features(
+    model: nn.Module, images: torch.Tensor, *, crop: int, device, amp: bool
+) -> torch.Tensor:
     """What the head sees, for every image: the frozen backbone run once (train.cache_features)."""
     name = head_name(model)
     head = get_module(model, name)
     set_module(model, name, nn.Identity())
     try:
-        return predict_logits(model, images, crop, device, amp)
+        return predict_logits(model, images, crop, device=device, amp=amp)
     finally:
         set_module(model, name, head)
 
 
 @torch.no_grad()  # an in-place update of leaf parameters, as in torch.optim
-def sgd_update(params, grads, bufs, neg_lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
+def sgd_update(params, grads, bufs, *, neg_lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
     """torch.optim.SGD's foreach update (dampening 0, no nesterov, momentum buffers existing) with
     the learning rate a tensor (-lr), so a CUDA graph can capture it and StepLR can change it.
 
@@ -146,12 +148,19 @@ class GraphedStep:
                 self.loss = LOSSES[tp.loss].fn(self.logits.float(), self.y, tp)
             self.loss.backward()
             self.grads = [p.grad for p in params]  # graph-owned: kept alive, rewritten by every replay
-            sgd_update(params, self.grads, bufs, self.neg_lr, tp.momentum, tp.weight_decay)
+            sgd_update(
+                params,
+                self.grads,
+                bufs,
+                neg_lr=self.neg_lr,
+                momentum=tp.momentum,
+                weight_decay=tp.weight_decay,
+            )
         self.graph = graph
         # capturing ran nothing: copy and replay this batch as every later one (see __call__)
 
 
-def place(train_images: ShardedTensor, val_images: ShardedTensor, resident_mb, device) -> tuple:
+def place(train_images: ShardedTensor, val_images: ShardedTensor, *, resident_mb, device) -> tuple:
     """The packed images for training: on the device when they fit train.resident_mb (the resident
     path), else the memory-mapped shards as they are (streamed; always with auto on a CPU)."""
     need = train_images.nbytes + val_images.nbytes
@@ -195,11 +204,14 @@ class Loop:
         if self.cached:
             # the frozen backbone runs once; the loop trains the head on its outputs
             self.net = get_module(model, head_name(model))
-            self.train_x = backbone_features(model, train_split.images, tp.crop, device, tp.amp).to(device)
-            self.val_x = backbone_features(model, val_split.images, tp.crop, device, tp.amp).to(device)
+            how = {"crop": tp.crop, "device": device, "amp": tp.amp}
+            self.train_x = backbone_features(model, train_split.images, **how).to(device)
+            self.val_x = backbone_features(model, val_split.images, **how).to(device)
         else:
             self.net = torch.compile(model) if tp.compile else model
-            self.train_x, self.val_x = place(train_split.images, val_split.images, tp.resident_mb, device)
+            self.train_x, self.val_x = place(
+                train_split.images, val_split.images, resident_mb=tp.resident_mb, device=device
+            )
         self.feeder = Feeder(self.train_x, device) if isinstance(self.train_x, ShardedTensor) else None
         self.train_y, self.val_y = train_split.labels.to(device), val_split.labels
         self.graphed = None
@@ -309,7 +321,7 @@ class Loop:
                 self.net.eval()
                 logits = self.net(self.val_x).float().cpu()
         else:
-            logits = predict_logits(self.net, self.val_x, self.tp.crop, self.device, self.tp.amp)
+            logits = predict_logits(self.net, self.val_x, self.tp.crop, device=self.device, amp=self.tp.amp)
         loss = float(LOSSES[self.tp.loss].fn(logits, self.val_y, self.tp))
         return loss, float((logits.argmax(1) == self.val_y).float().mean())
 
@@ -324,7 +336,9 @@ class Loop:
                 self.bare.eval()
                 logits = self.bare(self.val_x[lo:hi]).float()
         else:
-            logits = predict_logits(self.bare, self.val_x[lo:hi], self.tp.crop, self.device, self.tp.amp)
+            logits = predict_logits(
+                self.bare, self.val_x[lo:hi], self.tp.crop, device=self.device, amp=self.tp.amp
+            )
         logits = world.gather_rows(logits, n)
         loss = float(LOSSES[self.tp.loss].fn(logits, self.val_y, self.tp))
         return loss, float((logits.argmax(1) == self.val_y).float().mean())

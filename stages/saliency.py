@@ -63,7 +63,7 @@ def before_after_figure(model, x, pred, prob, maps_of, images, titles, meta, wei
     torch.manual_seed(p.seed)  # the new head's init, as in finetune
     untuned, info = initial_model(meta["arch"], len(classes), weights_dir)
     untuned = to_device(untuned, x.device)
-    upred, uprob = predictions(untuned, x, meta["loss"], sp.batch_size)
+    upred, uprob = predictions(untuned, x, meta["loss"], batch_size=sp.batch_size)
     columns = []
     for name in ["gradient"] + [n for n in sp.methods if n != "gradient" and METHODS[n].passes(sp) == 1]:
         for who, net, g, pr in (("untuned", untuned, upred, uprob), ("fine-tuned", model, pred, prob)):
@@ -170,7 +170,7 @@ class Batch:
         crop, batch_size = meta["input_size"], sp.batch_size
         self.paths, self.labels = split.paths, split.labels
         self.x = eval_inputs(split.images, crop).to(device)
-        self.pred, self.prob = predictions(model, self.x, meta["loss"], batch_size)
+        self.pred, self.prob = predictions(model, self.x, meta["loss"], batch_size=batch_size)
         self.masks = None if split.masks is None else center_crop(split.masks, crop)
         classes = meta["classes"]
         self.images = [chw_to_hwc(im) for im in denormalize(self.x.cpu())]

@@ -75,7 +75,7 @@ def test_sgd_update_matches_torch_sgd(momentum, weight_decay):
             bufs = [w.clone() for w in wd] if momentum else []
             torch._foreach_add_(mine, wd if not momentum else bufs, alpha=-0.05)
             continue
-        sgd_update(mine, gs, bufs, neg_lr, momentum, weight_decay)
+        sgd_update(mine, gs, bufs, neg_lr=neg_lr, momentum=momentum, weight_decay=weight_decay)
     for p, q in zip(opt.param_groups[0]["params"], mine):
         assert torch.allclose(p.detach(), q, rtol=1e-6, atol=1e-7), (p.detach() - q).abs().max()
 

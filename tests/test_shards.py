@@ -163,7 +163,7 @@ def test_auto_streams_on_a_cpu_and_a_budget_keeps_what_fits(tmp_path):
     need = train_images.nbytes + val_images.nbytes  # 30 images x 3 x 20 x 20 = 36,000 bytes
     assert need == 30 * 3 * 20 * 20
     for setting, streams in (("auto", True), (0, True), (1, False)):
-        placed = place(train_images, val_images, setting, cpu)
+        placed = place(train_images, val_images, resident_mb=setting, device=cpu)
         assert all(isinstance(t, ShardedTensor) == streams for t in placed), setting
         if not streams:
             assert torch.equal(placed[0], train_split.images) and torch.equal(placed[1], val_split.images)
