@@ -4,6 +4,8 @@ python -m stages.finetune --data data/prepared --weights data/weights --model mo
     --metrics metrics/train.json --live plots/train
 """
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -16,22 +18,27 @@ from cnnlens.config import stage_args, to_dict
 from cnnlens.devices import device_name, select_device
 from cnnlens.errors import ParamsError, StageError
 from cnnlens.files import atomic_outputs, lock_outputs, write_json
-from cnnlens.live import live_logger
+from cnnlens.live import live_logger, log_epoch
+from cnnlens.losses import make_loss
 from cnnlens.model import initial_model, save_checkpoint
 from cnnlens.tensors import MEAN, STD, load_classes, load_split
-from cnnlens.training import configure, summary, train
+from cnnlens.training import LoopOptions, configure_torch, train, train_metrics
 
 
-def check(tp, device):
+def check_cache_features(tp) -> None:
+    """Cached features are the frozen backbone's outputs for the unaugmented images: a ParamsError if not."""
     if tp.cache_features and (tp.mode != "feature_extractor" or tp.augment):
         raise ParamsError(
             "train.cache_features: true needs train.mode: feature_extractor and train.augment: false "
             "(cached features cannot be augmented)"
         )
-    if tp.deterministic and device.type == "cuda":
-        # cuBLAS needs a fixed workspace for deterministic matmuls; set before the first CUDA call
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+
+
+def loop_options(tp) -> LoopOptions:
+    """The train params the loop reads: those LoopOptions names, and the loss they configure."""
+    loss = make_loss(tp.loss, label_smoothing=tp.label_smoothing, focal_gamma=tp.focal_gamma)
+    names = [f.name for f in dataclasses.fields(LoopOptions) if f.name != "loss"]
+    return LoopOptions(loss=loss, **{name: getattr(tp, name) for name in names})
 
 
 PATHS = ("--data", "--weights", "--model", "--metrics", "--live")
@@ -44,7 +51,7 @@ def main(argv=None):
     args, p = stage_args(__doc__, PATHS, argv)
     tp = p.train
     device = select_device(tp.device)
-    check(tp, device)
+    check_cache_features(tp)
     world = distributed.plan(tp, device)
     outs = [args.live, args.model, args.metrics]
     if world.size == 1:
@@ -83,7 +90,7 @@ def work(argv) -> None:
         args, p = stage_args(__doc__, PATHS, argv)  # no locks: the launcher holds them
         world = distributed.World(p.train, select_device(p.train.device))
         try:
-            check(p.train, world.device)
+            check_cache_features(p.train)
             if p.train.threads == 0 and world.device.type == "cpu":  # share the cores, as torchrun does
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
             run(args, p, world.device, [args.live, args.model, args.metrics], world)
@@ -101,7 +108,7 @@ def work(argv) -> None:
 def run(args, p, device, outs, world=None) -> None:
     """Train and write the three outs (live, model, metrics) into `outs`; with a `world`, rank 0 only."""
     tp = p.train
-    configure(tp, device, p.seed)
+    configure_torch(device, p.seed, threads=tp.threads, deterministic=tp.deterministic)
     writes = world is None or world.rank == 0
     classes = load_classes(args.data)
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
@@ -112,22 +119,16 @@ def run(args, p, device, outs, world=None) -> None:
             f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}"
         )
     devices = None if world is None else distributed.same_params(world, p, device)
+    fit = functools.partial(train, model, train_split, val_split, options=loop_options(tp), device=device)
     if not writes:
-        train(model, train_split, val_split, tp, device, p.seed, None, world)
+        fit(seed=p.seed, world=world)
         return
     live_dir, model_dir, metrics = outs
     with live_logger(live_dir) as live:
-
-        def on_epoch(row):
-            for key, value in row.items():
-                if key != "epoch":
-                    live.log_metric(key, value, plot=True)
-            live.next_step()
-
-        history = train(model, train_split, val_split, tp, device, p.seed, on_epoch, world)
+        history = fit(seed=p.seed, on_epoch=functools.partial(log_epoch, live), world=world)
     model.load_state_dict(history.best_state)
     save_checkpoint(model_dir, model, checkpoint_meta(p, classes, train_split, weights_info, history))
-    write_json(metrics, summary(history, device, devices))
+    write_json(metrics, train_metrics(history, device, devices))
     log(
         f"finetune: best val_acc {history.best_val_acc:.4f} at epoch {history.best_epoch}, "
         f"{history.train_seconds:.1f} s, {history.images_seen / history.train_seconds:.0f} img/s"

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cnnlens.config import PrepareParams
+from cnnlens.config import PrepareParams, TrainParams
 from cnnlens.shards import ShardWriter, write_index
 from cnnlens.tensors import MEAN, STD, Split
 
@@ -109,6 +109,13 @@ TINY_TRAIN = {
     "step_size": 2,
     "threads": 1,
 }
+
+
+def loop_options(**train):
+    """training.LoopOptions from train params (the defaults, `train` overriding), as finetune builds them."""
+    from stages.finetune import loop_options as from_params
+
+    return from_params(TrainParams(**train))
 
 
 @pytest.fixture(scope="module")

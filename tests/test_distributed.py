@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_TRAIN, make_prepared, make_weights_dir, write_params, write_shards
+from conftest import (
+    ROOT,
+    TINY_TRAIN,
+    loop_options,
+    make_prepared,
+    make_weights_dir,
+    write_params,
+    write_shards,
+)
 from dvc_helpers import copy_project, dvc, dvc_json, finished_project, free_port, set_params, stage_report
 from torch import nn
 
@@ -86,7 +94,15 @@ def train_rank(data_dir: str, overrides: dict, slicing: str):
         )
     torch.manual_seed(0)
     model = tiny_net()
-    history = train(model, train_split, val_split, tp, world.device, 0, world=world)
+    history = train(
+        model,
+        train_split,
+        val_split,
+        options=loop_options(**overrides),
+        device=world.device,
+        seed=0,
+        world=world,
+    )
     world.close()
     return model.state_dict(), history.epochs, sum(read)
 
@@ -110,10 +126,8 @@ def one_process(data_dir, overrides):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = tiny_net()
-    tp = TrainParams(**overrides)
-    history = train(
-        model, load_split(data_dir, "train"), load_split(data_dir, "val"), tp, torch.device("cpu"), 0
-    )
+    splits = load_split(data_dir, "train"), load_split(data_dir, "val")
+    history = train(model, *splits, options=loop_options(**overrides), device=torch.device("cpu"), seed=0)
     return model.state_dict(), history.epochs
 
 

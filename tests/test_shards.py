@@ -9,16 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_TRAIN, make_weights_dir, run_stage, write_params, write_shards
+from conftest import TINY_TRAIN, loop_options, make_weights_dir, run_stage, write_params, write_shards
 from PIL import Image
 
 from cnnlens import shards
-from cnnlens.config import TrainParams
 from cnnlens.errors import StageError
 from cnnlens.model import build_model
 from cnnlens.shards import ShardedTensor, ShardWriter, resident_budget, write_index
 from cnnlens.tensors import Split, load_split
-from cnnlens.training import configure, place, train
+from cnnlens.training import configure_torch, place, train
 from stages.prepare import bounded_map
 
 
@@ -122,12 +121,14 @@ def test_a_truncated_shard_stops_finetune_with_one_line(tmp_path):
 
 
 def run_training(prepared, resident_mb, seed=0):
-    tp = TrainParams(**{**TINY_TRAIN, "crop": 16, "epochs": 2, "batch_size": 5, "resident_mb": resident_mb})
-    configure(tp, torch.device("cpu"), seed)
-    model = build_model("resnet18", 2)
-    history = train(
-        model, load_split(prepared, "train"), load_split(prepared, "val"), tp, torch.device("cpu"), seed
+    options = loop_options(
+        **{**TINY_TRAIN, "crop": 16, "epochs": 2, "batch_size": 5, "resident_mb": resident_mb}
     )
+    cpu = torch.device("cpu")
+    configure_torch(cpu, seed, threads=TINY_TRAIN["threads"], deterministic=False)
+    model = build_model("resnet18", 2)
+    splits = load_split(prepared, "train"), load_split(prepared, "val")
+    history = train(model, *splits, options=options, device=cpu, seed=seed)
     return model.state_dict(), history
 
 
