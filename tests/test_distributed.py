@@ -34,6 +34,7 @@ from cnnlens.config import TrainParams, parse_params
 from cnnlens.errors import ParamsError
 from cnnlens.tensors import load_split
 from cnnlens.training import train
+from stages.finetune import plan_world
 
 # A global batch of 6 over 21 images: batches 6, 6, 6, 3; the last splits 1 + 2 over two ranks, so the
 # uneven-slice loss scaling runs too. Augmentation on (random boxes and flips from the one generator).
@@ -80,8 +81,7 @@ def train_rank(data_dir: str, overrides: dict, slicing: str):
     from cnnlens.shards import ShardedTensor
 
     torch.set_num_threads(1)
-    tp = TrainParams(**overrides)
-    world = World(tp, torch.device("cpu"))
+    world = World(torch.device("cpu"), TrainParams(**overrides).backend)
     if slicing == "same":
         bounds = World.bounds  # rank 0's rows wherever a rank asks for its own
         World.bounds = lambda self, n, rank=None: bounds(self, n, 0 if rank is None else rank)
@@ -189,11 +189,9 @@ def test_two_streaming_ranks_read_only_their_rows_and_equal_one_process(data, tm
 
 def test_world_size_is_checked_before_anything_starts(tmp_path):
     cpu = torch.device("cpu")
-    from cnnlens.distributed import plan
-
-    assert plan(TrainParams(), cpu).size == 1
-    assert plan(TrainParams(nproc_per_node="auto"), cpu).size == 1  # auto: every GPU; none here
-    assert plan(TrainParams(nproc_per_node=2, batch_size=4), cpu).size == 2
+    assert plan_world(TrainParams(), cpu).size == 1
+    assert plan_world(TrainParams(nproc_per_node="auto"), cpu).size == 1  # auto: every GPU; none here
+    assert plan_world(TrainParams(nproc_per_node=2, batch_size=4), cpu).size == 2
     bad = {
         "does not divide by the world size 3": dict(nproc_per_node=3, batch_size=4),
         "node_rank = 2 must be below train.nnodes = 2": dict(nnodes=2, node_rank=2, rdzv_endpoint="h:1"),
@@ -203,7 +201,7 @@ def test_world_size_is_checked_before_anything_starts(tmp_path):
     }
     for message, values in bad.items():
         with pytest.raises(ParamsError, match=message) as err:
-            plan(TrainParams(**values), cpu)
+            plan_world(TrainParams(**values), cpu)
         assert err.value.exit_code == 2 and "\n" not in str(err.value)
     assert parse_params({"train": {"nproc_per_node": "auto"}}).train.nproc_per_node == "auto"
     with pytest.raises(ParamsError, match="expected auto or an integer"):
