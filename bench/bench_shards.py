@@ -127,7 +127,8 @@ def build_loop(data: Path, setting: str, args):
     from cnnlens.config import TrainParams
     from cnnlens.model import build_model
     from cnnlens.tensors import Split, load_split
-    from cnnlens.training import Loop, configure
+    from cnnlens.training import Loop, configure_torch
+    from stages.finetune import loop_options
 
     if setting == "legacy":  # the whole split in memory, as before the shards
 
@@ -147,8 +148,11 @@ def build_loop(data: Path, setting: str, args):
         min_scale=0.35,
     )
     device = torch.device("cpu")
-    configure(tp, device, 0)
-    loop = Loop(build_model("resnet18", 2), load("train"), load("val"), tp, device, 0)
+    configure_torch(device, 0, threads=tp.threads, deterministic=tp.deterministic)
+    options = loop_options(tp)
+    loop = Loop(
+        build_model("resnet18", 2), load("train"), load("val"), options=options, device=device, seed=0
+    )
     loop.model.train()
     batches = list(torch.randperm(len(loop.train_y), generator=loop.generator).split(tp.batch_size))
     if loop.feeder is not None:

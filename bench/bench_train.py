@@ -44,7 +44,8 @@ from cnnlens.config import TrainParams  # noqa: E402
 from cnnlens.devices import select_device
 from cnnlens.model import build_model, load_backbone  # noqa: E402
 from cnnlens.tensors import load_split  # noqa: E402
-from cnnlens.training import configure, train  # noqa: E402
+from cnnlens.training import configure_torch, train  # noqa: E402
+from stages.finetune import loop_options  # noqa: E402
 
 
 def tutorial_loop(
@@ -124,14 +125,15 @@ def ours(prepared: Path, mode: str, epochs: int, device, seed: int, weights, bat
     if batch is None:  # our defaults: CUDA a batch that fills the GPU, lr scaled linearly; CPU the tutorial's
         batch = 32 if device.type == "cuda" else tp.batch_size
     tp = dataclasses.replace(tp, batch_size=batch, lr=tp.lr * batch / 4)
-    configure(tp, device, seed)
+    configure_torch(device, seed, threads=tp.threads, deterministic=tp.deterministic)
     model = build_model("resnet18", 2)
     if weights is not None:
         load_backbone(model, weights, "weights")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    history = train(model, load_split(prepared, "train"), load_split(prepared, "val"), tp, device, seed)
+    splits = load_split(prepared, "train"), load_split(prepared, "val")
+    history = train(model, *splits, options=loop_options(tp), device=device, seed=seed)
     total = time.perf_counter() - start
     return {
         "epoch_seconds": [e["seconds"] for e in history.epochs],

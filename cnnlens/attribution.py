@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnlens.errors import ParamsError
-from cnnlens.tensors import MEAN, STD
+from cnnlens.tensors import mean_std
 
 # The methods' default settings (the pipeline's own are saliency.* in params.yaml).
 SMOOTHGRAD_SIGMA = 0.15
@@ -113,8 +113,7 @@ def smoothgrad(
 
 def black_baseline(inputs: Tensor) -> Tensor:
     """The all-black image (pixel value 0) in ImageNet-normalised space: (0 - mean) / std."""
-    mean = torch.tensor(MEAN, device=inputs.device, dtype=inputs.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=inputs.device, dtype=inputs.dtype).view(1, 3, 1, 1)
+    mean, std = mean_std(inputs.device, inputs.dtype)
     return ((0.0 - mean) / std).expand_as(inputs)
 
 

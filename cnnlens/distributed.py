@@ -14,8 +14,8 @@ nor creates a process group.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +24,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from cnnlens.config import to_dict
 from cnnlens.devices import device_name
 from cnnlens.errors import ParamsError, StageError, disk_error_line
 
@@ -39,34 +38,42 @@ class WorkerFailed(StageError):
 
 @dataclass(frozen=True)
 class Plan:
-    """How many processes, decided from train params before anything starts."""
+    """How many processes, decided from train params before anything starts, and where they meet."""
 
     nproc_per_node: int
     nnodes: int
+    node_rank: int  # this machine's index; node 0 hosts the rendezvous and writes the outputs
+    rdzv_endpoint: str  # host:port of node 0; empty: a free port here (one node)
 
     @property
     def size(self) -> int:
         return self.nproc_per_node * self.nnodes
 
+    def describe(self) -> str:
+        return f"{self.size} processes ({self.nnodes} node(s) x {self.nproc_per_node}), node {self.node_rank}"
 
-def plan(tp, device) -> Plan:
-    """The world size from train params; a bad combination is a ParamsError (one line, exit code 2)."""
+
+def plan(
+    device, *, nproc_per_node, nnodes: int, node_rank: int, rdzv_endpoint: str, backend: str, batch_size: int
+) -> Plan:
+    """The world size from the train params of these names (checked together, as the messages name
+    them); a bad combination is a ParamsError (one line, exit code 2)."""
     import torch
 
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    nproc = tp.nproc_per_node
+    nproc = nproc_per_node
     if nproc == "auto":  # every visible GPU; on CPU (or MPS) one process
         nproc = max(gpus, 1)
-    world = Plan(nproc, tp.nnodes)
-    if tp.node_rank >= tp.nnodes:
-        raise ParamsError(f"train.node_rank = {tp.node_rank} must be below train.nnodes = {tp.nnodes}")
-    if tp.nnodes > 1 and not tp.rdzv_endpoint:
+    world = Plan(nproc, nnodes, node_rank, rdzv_endpoint)
+    if node_rank >= nnodes:
+        raise ParamsError(f"train.node_rank = {node_rank} must be below train.nnodes = {nnodes}")
+    if nnodes > 1 and not rdzv_endpoint:
         raise ParamsError("train.nnodes > 1 needs train.rdzv_endpoint: host:port of node 0, reachable by all")
-    if tp.rdzv_endpoint:
-        host, _, port = tp.rdzv_endpoint.rpartition(":")
+    if rdzv_endpoint:
+        host, _, port = rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ParamsError(
-                f"train.rdzv_endpoint = {tp.rdzv_endpoint!r}: expected host:port, e.g. 10.0.0.1:29500"
+                f"train.rdzv_endpoint = {rdzv_endpoint!r}: expected host:port, e.g. 10.0.0.1:29500"
             )
     if device.type == "cuda" and nproc > gpus:
         raise ParamsError(
@@ -74,12 +81,12 @@ def plan(tp, device) -> Plan:
         )
     if world.size > 1 and device.type not in ("cuda", "cpu"):
         raise ParamsError(f"several processes need train.device cuda or cpu, not {device.type}")
-    if tp.backend == "nccl" and device.type != "cuda" and world.size > 1:
+    if backend == "nccl" and device.type != "cuda" and world.size > 1:
         raise ParamsError("train.backend = nccl needs CUDA; use auto or gloo on CPU")
-    if tp.batch_size % world.size:
+    if batch_size % world.size:
         raise ParamsError(
-            f"train.batch_size = {tp.batch_size} (the global batch) does not divide by the world size "
-            f"{world.size} (train.nnodes {tp.nnodes} x train.nproc_per_node {nproc}); use a multiple of {world.size}"
+            f"train.batch_size = {batch_size} (the global batch) does not divide by the world size "
+            f"{world.size} (train.nnodes {nnodes} x train.nproc_per_node {nproc}); use a multiple of {world.size}"
         )
     return world
 
@@ -89,7 +96,7 @@ def is_worker() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(tp, world: Plan, args: list[str]) -> None:
+def launch(world: Plan, args: list[str]) -> None:
     """Run `python args...` as nproc_per_node workers here (and join the other nodes) with torchrun's
     elastic launcher; a failed rank becomes WorkerFailed with its message and exit code."""
     from torch.distributed import DistError
@@ -98,13 +105,14 @@ def launch(tp, world: Plan, args: list[str]) -> None:
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if tp.nnodes == 1 and not tp.rdzv_endpoint:  # as `torchrun --standalone`: a free local port
+    if world.nnodes == 1 and not world.rdzv_endpoint:  # as `torchrun --standalone`: a free local port
         backend, endpoint, run_id, configs = "c10d", "127.0.0.1:0", str(uuid.uuid4()), {}
     else:  # as torchrun's default: node 0 hosts the store, every node states its rank
-        backend, endpoint, run_id, configs = "static", tp.rdzv_endpoint, "cnnlens", {"rank": tp.node_rank}
+        backend, endpoint, run_id = "static", world.rdzv_endpoint, "cnnlens"
+        configs = {"rank": world.node_rank}
     config = LaunchConfig(
-        min_nodes=tp.nnodes,
-        max_nodes=tp.nnodes,
+        min_nodes=world.nnodes,
+        max_nodes=world.nnodes,
         nproc_per_node=world.nproc_per_node,
         run_id=run_id,
         rdzv_backend=backend,
@@ -150,6 +158,21 @@ def lost_contact(exc: BaseException) -> bool:
     )
 
 
+@contextlib.contextmanager
+def reported_errors():
+    """In a worker: a failure's one line goes where the launcher reads it (record_error), so the stage
+    reports this rank's error; losing the other ranks is one line too, not a traceback."""
+    try:
+        yield
+    except Exception as exc:  # not KeyboardInterrupt: the launcher stopping this rank is no cause
+        record_error(exc)
+        if lost_contact(exc):
+            raise StageError(
+                f"lost contact with the other ranks ({str(exc).splitlines()[0][:200]})"
+            ) from None
+        raise
+
+
 def record_error(exc: BaseException) -> None:
     """In a worker: leave the one-line message where the launcher reads it (TORCHELASTIC_ERROR_FILE)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -166,7 +189,8 @@ def record_error(exc: BaseException) -> None:
 class World:
     """One rank's view: its rank, the world size, its device, and the collectives training needs."""
 
-    def __init__(self, tp, device):
+    def __init__(self, device, backend: str):
+        """Join the process group (train.backend `backend`; auto: NCCL on CUDA, else gloo)."""
         import torch
         import torch.distributed as dist
 
@@ -176,7 +200,8 @@ class World:
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         self.device = device
-        backend = tp.backend if tp.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
         self.dist = dist
 
@@ -210,6 +235,13 @@ class World:
         for b in model.buffers():
             self.dist.broadcast(b, 0)
 
+    def share_cores(self) -> None:
+        """On a CPU: this machine's cores shared out among its processes (torch's threads), as torchrun does."""
+        import torch
+
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_size))
+
     def gather_objects(self, obj) -> list:
         out = [None] * self.size
         self.dist.all_gather_object(out, obj)
@@ -218,6 +250,12 @@ class World:
     def close(self) -> None:
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def wrap(net, world: World):
@@ -290,11 +328,10 @@ def cpu_sync_batchnorm_class():
     return CpuSyncBatchNorm
 
 
-def same_params(world, p, device) -> list[str]:
-    """Every rank's device name; a ParamsError if the nodes were given different params (only
-    train.node_rank may differ): ranks on different params would train different things."""
-    train = {k: v for k, v in to_dict(p.train).items() if k != "node_rank"}
-    digest = hashlib.sha256(json.dumps([p.seed, p.model.arch, train], sort_keys=True).encode()).hexdigest()
+def same_params(world, digest: str, device) -> list[str]:
+    """Every rank's device name; a ParamsError if the nodes were given different params (`digest`:
+    model.params_digest of the params that shape the model, but train.node_rank, the one that may
+    differ): ranks on different params would train different things."""
     seen = world.gather_objects((device_name(device), digest))
     if len({d for _, d in seen}) > 1:
         raise ParamsError(

@@ -43,3 +43,11 @@ def live_logger(live_dir):
         log("finetune: dvclive not installed; writing its per-epoch TSV/JSON files directly")
         return PlainLive(live_dir)
     return Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+
+
+def log_epoch(live, row: dict) -> None:
+    """One epoch's row (training.train's on_epoch) as one step of `live`: every value but the epoch's number."""
+    for key, value in row.items():
+        if key != "epoch":
+            live.log_metric(key, value, plot=True)
+    live.next_step()

@@ -5,6 +5,7 @@ Weights are always read with torch.load(weights_only=True): a checkpoint is data
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from cnnlens.errors import StageError
 from cnnlens.files import atomic_path, load_torch, read_json, save_torch
 from cnnlens.losses import LOSSES
-from cnnlens.tensors import eval_inputs
+from cnnlens.tensors import MEAN, STD, eval_inputs
 from cnnlens.weights import backbone_state, describe_mismatch, head_name
 
 # The architectures, one registry (config validates model.arch against it). Any has a last Linear
@@ -90,6 +91,42 @@ def save_checkpoint(models_dir: str | Path, model: nn.Module, meta: dict) -> Non
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def params_digest(values: dict) -> str:
+    """SHA-256 (16 hex digits) of JSON-able params, keys sorted: which params shaped a checkpoint
+    (model.json), and whether the nodes of a run were given the same params (distributed.same_params)."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_meta(
+    *,
+    arch: str,
+    classes: list[str],
+    crop: int,
+    resize: int,
+    loss: str,
+    mode: str,
+    weights_info: dict,
+    best_epoch: int,
+    digest: str,
+) -> dict:
+    """models/model.json: what load_checkpoint and the later stages read (arch, classes, the input size,
+    the normalisation, the loss whose probabilities apply), and where the weights came from."""
+    return {
+        "arch": arch,
+        "classes": classes,
+        "mean": MEAN,
+        "std": STD,
+        "input_size": crop,
+        "resize": resize,
+        "loss": loss,
+        "mode": mode,
+        "weights_source": weights_info.get("source"),
+        "weights_sha256": weights_info.get("sha256"),
+        "best_epoch": best_epoch,
+        "params_digest": digest,  # params_digest of the params that shaped it
+    }
+
+
 def load_checkpoint(models_dir: str | Path) -> tuple[nn.Module, dict]:
     meta = read_json(Path(models_dir) / "model.json")
     path = Path(models_dir) / "model.pt"
@@ -114,6 +151,7 @@ def predict_logits(
     model: nn.Module,
     images: torch.Tensor,
     crop: int,
+    *,
     device: torch.device,
     amp: bool = False,
     batch_size: int = 128,
@@ -137,7 +175,7 @@ def probabilities(logits: torch.Tensor, loss: str) -> torch.Tensor:
 
 @torch.no_grad()
 def predictions(
-    model: nn.Module, x: Tensor, loss: str = "cross_entropy", batch_size: int = 64
+    model: nn.Module, x: Tensor, loss: str = "cross_entropy", *, batch_size: int = 64
 ) -> tuple[Tensor, Tensor]:
     """(pred N, prob N) on the CPU: the max-logit class (the saliency target) and its probability
     as the training loss models it."""

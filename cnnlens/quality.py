@@ -387,7 +387,7 @@ def predict_images(
 ) -> Predicted:
     """A prepared split's images (a tensors.Split) on `device`, with the model's predictions."""
     x = eval_inputs(split.images, input_size).to(device)
-    pred, prob = predictions(model, x, loss, batch_size)
+    pred, prob = predictions(model, x, loss, batch_size=batch_size)
     masks = None if split.masks is None else center_crop(split.masks, input_size)
     return Predicted(x, pred, prob, masks, split.paths, split.labels)
 
@@ -579,7 +579,7 @@ def before_after_maps(
     of the shown images, reused where there. Returns the columns of figures.before_after_figure:
     (header, maps, predicted class, its probability), untuned then fine-tuned, per method."""
     settings = dict(settings or {})
-    upred, uprob = predictions(untuned, shown.x, loss, batch_size)
+    upred, uprob = predictions(untuned, shown.x, loss, batch_size=batch_size)
     names = ["gradient"] + [n for n in methods if n != "gradient" and METHODS[n].passes(**settings) == 1]
     columns = []
     for name in names:

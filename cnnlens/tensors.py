@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlens.errors import StageError
-from cnnlens.files import load_torch
-from cnnlens.shards import INDEX, ShardedTensor, open_split
+from cnnlens.shards import ShardedTensor, open_split
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, as in the tutorial
 STD = (0.229, 0.224, 0.225)
@@ -45,16 +44,8 @@ class Split:
 
 def load_split(prepared: str | Path, split: str) -> Split:
     """The split as the prepare stage wrote it: memory-mapped shards (shards/index.json), read only
-    where indexed; or, from an older prepare, one packed `<split>.pt` loaded whole."""
-    shards = Path(prepared) / "shards"
-    if (shards / INDEX).exists() or not (Path(prepared) / f"{split}.pt").exists():
-        return Split(*open_split(shards, split))
-    path = Path(prepared) / f"{split}.pt"
-    blob = load_torch(path, what=f"packed {split} split (written by the prepare stage)")
-    try:
-        return Split(blob["images"], blob["labels"], list(blob["paths"]), blob.get("masks"))
-    except (KeyError, TypeError) as exc:
-        raise StageError(f"{path}: not a packed split (missing {exc}); rerun `dvc repro prepare`") from exc
+    where indexed."""
+    return Split(*open_split(Path(prepared) / "shards", split))
 
 
 def load_classes(prepared: str | Path) -> list[str]:
@@ -85,18 +76,25 @@ def spread_index(n: int, count: int) -> torch.Tensor:
     return torch.linspace(0, n - 1, min(count, n)).round().long().unique()
 
 
+def mean_std(device=None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as 1 x 3 x 1 x 1 tensors (torch's default dtype unless `dtype`), to broadcast
+    over N x 3 x H x W images."""
+    return (
+        torch.tensor(MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
+        torch.tensor(STD, device=device, dtype=dtype).view(1, 3, 1, 1),
+    )
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 or [0,1] float N x 3 x H x W -> ImageNet-normalised float32."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = mean_std(x.device)
     return (x - mean) / std
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """Normalised N x 3 x H x W -> [0,1] float, for display."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = mean_std(x.device)
     return (x * std + mean).clamp(0, 1)
 
 
@@ -179,7 +177,7 @@ def resample(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tens
 
 
 def normalize_maps(
-    maps: torch.Tensor, mode: str = "minmax", percentile: float = 99.0, per_channel: bool = False
+    maps: torch.Tensor, mode: str = "minmax", percentile: float = 99.0, *, per_channel: bool = False
 ) -> torch.Tensor:
     """Scale each map to [0, 1], per image (and per channel when per_channel).
 

@@ -12,21 +12,47 @@ reads, so StepLR changes it without a re-capture.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from cnnlens.cli import log
-from cnnlens.config import TrainParams
 from cnnlens.devices import device_name
 from cnnlens.errors import ParamsError
-from cnnlens.losses import LOSSES
 from cnnlens.model import autocast, get_module, head_name, predict_logits, set_module
 from cnnlens.shards import Feeder, ShardedTensor, resident_budget
 from cnnlens.tensors import Split, crop_boxes, eval_inputs, resample
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """What the training loop reads, the train params of the same names (only those; the stage fills
+    it), with the loss as the callable losses.make_loss builds."""
+
+    loss: Callable  # (logits, labels) -> scalar tensor
+    mode: str  # finetune: every parameter trains; feature_extractor: the head only
+    epochs: int
+    batch_size: int  # the global batch: all processes together
+    lr: float  # SGD, decayed by StepLR(step_size, gamma)
+    momentum: float
+    weight_decay: float
+    step_size: int
+    gamma: float
+    crop: int  # the network's input side
+    augment: bool  # random crops (scale min_scale..1) and flips; else the centre crop
+    min_scale: float
+    flip: bool
+    amp: bool  # CUDA: bf16 autocast and channels_last
+    cache_features: bool  # run the frozen backbone once (feature_extractor without augment)
+    compile: bool  # torch.compile the model
+    cuda_graphs: str  # auto | on | off: the train step as one CUDA graph
+    sync_batchnorm: bool  # several processes: BatchNorm statistics over the global batch
+    resident_mb: int | str  # place(): keep the images on the device within this budget (auto)
 
 
 @dataclass
@@ -42,14 +68,20 @@ class History:
     input_wait_seconds: float = 0.0  # streamed: time the loop waited for its next batch
 
 
-def configure(tp: TrainParams, device: torch.device, seed: int) -> None:
+def configure_torch(device: torch.device, seed: int, *, threads: int, deterministic: bool) -> None:
+    """Seed torch's global RNG, set the CPU threads (0: torch's default) and, on CUDA, the kernel
+    flags: fast by default; with `deterministic`, deterministic algorithms (slower)."""
+    if deterministic and device.type == "cuda":
+        # cuBLAS needs a fixed workspace for deterministic matmuls; set before the first CUDA call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
-    if tp.threads:
-        torch.set_num_threads(tp.threads)
+    if threads:
+        torch.set_num_threads(threads)
     if device.type == "cuda":
-        # fast by default; deterministic only when asked (disables cuDNN autotuning)
-        torch.backends.cudnn.benchmark = not tp.deterministic
-        torch.backends.cudnn.deterministic = tp.deterministic
+        # deterministic also disables cuDNN autotuning
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
@@ -75,19 +107,21 @@ def set_train_mode(model: nn.Module, mode: str) -> None:
         model.train()
 
 
-def backbone_features(model: nn.Module, images: torch.Tensor, crop: int, device, amp: bool) -> torch.Tensor:
+def backbone_features(
+    model: nn.Module, images: torch.Tensor, *, crop: int, device, amp: bool
+) -> torch.Tensor:
     """What the head sees, for every image: the frozen backbone run once (train.cache_features)."""
     name = head_name(model)
     head = get_module(model, name)
     set_module(model, name, nn.Identity())
     try:
-        return predict_logits(model, images, crop, device, amp)
+        return predict_logits(model, images, crop, device=device, amp=amp)
     finally:
         set_module(model, name, head)
 
 
 @torch.no_grad()  # an in-place update of leaf parameters, as in torch.optim
-def sgd_update(params, grads, bufs, neg_lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
+def sgd_update(params, grads, bufs, *, neg_lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
     """torch.optim.SGD's foreach update (dampening 0, no nesterov, momentum buffers existing) with
     the learning rate a tensor (-lr), so a CUDA graph can capture it and StepLR can change it.
 
@@ -134,28 +168,33 @@ class GraphedStep:
         return self.loss, self.logits
 
     def capture(self, x, y) -> None:
-        loop, tp = self.loop, self.loop.tp
+        loop, opts = self.loop, self.loop.opts
         self.x, self.y = x.clone(), y.clone()
         params = list(loop.optimizer.param_groups[0]["params"])
-        bufs = [loop.optimizer.state[p].get("momentum_buffer") for p in params] if tp.momentum else []
+        bufs = [loop.optimizer.state[p].get("momentum_buffer") for p in params] if opts.momentum else []
         loop.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=loop.use_amp, cache_enabled=False):
                 self.logits = loop.net(self.x)
-                self.loss = LOSSES[tp.loss].fn(self.logits.float(), self.y, tp)
+                self.loss = opts.loss(self.logits.float(), self.y)
             self.loss.backward()
             self.grads = [p.grad for p in params]  # graph-owned: kept alive, rewritten by every replay
-            sgd_update(params, self.grads, bufs, self.neg_lr, tp.momentum, tp.weight_decay)
+            sgd_update(
+                params,
+                self.grads,
+                bufs,
+                neg_lr=self.neg_lr,
+                momentum=opts.momentum,
+                weight_decay=opts.weight_decay,
+            )
         self.graph = graph
         # capturing ran nothing: copy and replay this batch as every later one (see __call__)
 
 
-def place(train_images, val_images, resident_mb, device) -> tuple:
+def place(train_images: ShardedTensor, val_images: ShardedTensor, *, resident_mb, device) -> tuple:
     """The packed images for training: on the device when they fit train.resident_mb (the resident
     path), else the memory-mapped shards as they are (streamed; always with auto on a CPU)."""
-    if not isinstance(train_images, ShardedTensor):  # an in-memory split (older prepare, tests)
-        return train_images.to(device), val_images.to(device)  # uint8: 244 x 3 x 256 x 256 is 48 MB
     need = train_images.nbytes + val_images.nbytes
     budget = resident_budget(resident_mb, device)
     if need <= budget:
@@ -175,37 +214,51 @@ class Loop:
     rank keeps its slice of every global batch (train_epoch)."""
 
     def __init__(
-        self, model, train_split: Split, val_split: Split, tp: TrainParams, device, seed: int, world=None
+        self,
+        model,
+        train_split: Split,
+        val_split: Split,
+        *,
+        options: LoopOptions,
+        device,
+        seed: int,
+        world=None,
     ):
-        self.model, self.tp, self.device, self.world = model, tp, device, world
+        opts = self.opts = options
+        self.model, self.device, self.world = model, device, world
         self.loss_scale = 1.0  # a rank's share of a global batch that does not split evenly (train_epoch)
-        if world is not None and tp.sync_batchnorm:
+        if world is not None and opts.sync_batchnorm:
             from cnnlens.distributed import sync_batchnorm
 
             sync_batchnorm(model, device)
-        self.use_amp = tp.amp and device.type == "cuda"
+        self.use_amp = opts.amp and device.type == "cuda"
         model.to(device)
         if self.use_amp:
             model.to(memory_format=torch.channels_last)
-        params = trainable_parameters(model, tp.mode)
-        self.optimizer = torch.optim.SGD(params, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay)
+        params = trainable_parameters(model, opts.mode)
+        self.optimizer = torch.optim.SGD(
+            params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizer, step_size=tp.step_size, gamma=tp.gamma
+            self.optimizer, step_size=opts.step_size, gamma=opts.gamma
         )
         self.generator = torch.Generator().manual_seed(seed)
-        self.cached = tp.cache_features and tp.mode == "feature_extractor" and not tp.augment
+        self.cached = opts.cache_features and opts.mode == "feature_extractor" and not opts.augment
         if self.cached:
             # the frozen backbone runs once; the loop trains the head on its outputs
             self.net = get_module(model, head_name(model))
-            self.train_x = backbone_features(model, train_split.images, tp.crop, device, tp.amp).to(device)
-            self.val_x = backbone_features(model, val_split.images, tp.crop, device, tp.amp).to(device)
+            how = {"crop": opts.crop, "device": device, "amp": opts.amp}
+            self.train_x = backbone_features(model, train_split.images, **how).to(device)
+            self.val_x = backbone_features(model, val_split.images, **how).to(device)
         else:
-            self.net = torch.compile(model) if tp.compile else model
-            self.train_x, self.val_x = place(train_split.images, val_split.images, tp.resident_mb, device)
+            self.net = torch.compile(model) if opts.compile else model
+            self.train_x, self.val_x = place(
+                train_split.images, val_split.images, resident_mb=opts.resident_mb, device=device
+            )
         self.feeder = Feeder(self.train_x, device) if isinstance(self.train_x, ShardedTensor) else None
         self.train_y, self.val_y = train_split.labels.to(device), val_split.labels
         self.graphed = None
-        if device.type == "cuda" and tp.cuda_graphs != "off" and not tp.compile and not self.cached:
+        if device.type == "cuda" and opts.cuda_graphs != "off" and not opts.compile and not self.cached:
             self.graphed = GraphedStep(self) if world is None else None  # graphs: one process only
         self.bare = self.net  # validation runs the unwrapped module on every rank's shard
         if world is not None:
@@ -217,27 +270,27 @@ class Loop:
         """(network input, labels) of this process's rows of the global batch `idx`: cached features,
         an augmented or a centre crop. Only these rows are read (streamed: from the shards), but the
         augmentation boxes are drawn for the whole global batch, as one process draws them."""
-        tp = self.tp
+        opts = self.opts
         lo, hi = self.rows(len(idx))
         mine = idx[lo:hi]
         if self.cached:
             return self.train_x[mine], self.train_y[mine]
         images = self.feeder.get(mine) if self.feeder is not None else self.train_x[mine]
-        if tp.augment:
+        if opts.augment:
             side = images.shape[-1]
             boxes = crop_boxes(
-                len(idx), side, side, scale=(tp.min_scale, 1.0), flip=tp.flip, generator=self.generator
+                len(idx), side, side, scale=(opts.min_scale, 1.0), flip=opts.flip, generator=self.generator
             )
-            x = resample(images, boxes[lo:hi], tp.crop)
+            x = resample(images, boxes[lo:hi], opts.crop)
         else:
-            x = eval_inputs(images, tp.crop)
+            x = eval_inputs(images, opts.crop)
         return (x.contiguous(memory_format=torch.channels_last) if self.use_amp else x), self.train_y[mine]
 
     def eager_step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on batch (x, y); returns (loss, logits)."""
-        with autocast(self.device, self.tp.amp):
+        with autocast(self.device, self.opts.amp):
             logits = self.net(x)
-            loss = LOSSES[self.tp.loss].fn(logits.float(), y, self.tp)
+            loss = self.opts.loss(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         self.optimizer.step()
@@ -249,13 +302,13 @@ class Loop:
         """The graphed step for full batches when graphs are on; a last, smaller batch runs eagerly
         (same update, same momentum buffers), so no image is dropped or padded."""
         g = self.graphed
-        if g is None or len(y) != self.tp.batch_size:
+        if g is None or len(y) != self.opts.batch_size:
             return self.eager_step(x, y)
         if g.graph is None and g.warm >= g.WARMUP:
             try:
                 g.capture(x, y)
             except RuntimeError as exc:
-                if self.tp.cuda_graphs == "on":
+                if self.opts.cuda_graphs == "on":
                     raise
                 # auto: a model or loss that cannot be captured (a host sync) trains eagerly instead;
                 # nothing ran during the failed capture, so this batch's eager step is its only step
@@ -267,12 +320,12 @@ class Loop:
 
     def train_epoch(self) -> tuple[float, float]:
         """One pass over the training set in a seeded random order; returns (mean loss, accuracy)."""
-        tp, device = self.tp, self.device
-        set_train_mode(self.model, tp.mode)
+        opts, device = self.opts, self.device
+        set_train_mode(self.model, opts.mode)
         if self.graphed is not None:
             self.graphed.set_lr(self.optimizer.param_groups[0]["lr"])
         order = torch.randperm(len(self.train_y), generator=self.generator).to(device)
-        batches = order.split(tp.batch_size)
+        batches = order.split(opts.batch_size)
         if self.feeder is not None:  # streaming: read this process's rows of each batch one batch ahead
             self.feeder.plan([b[slice(*self.rows(len(b)))] for b in batches])
         total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -311,8 +364,10 @@ class Loop:
                 self.net.eval()
                 logits = self.net(self.val_x).float().cpu()
         else:
-            logits = predict_logits(self.net, self.val_x, self.tp.crop, self.device, self.tp.amp)
-        loss = float(LOSSES[self.tp.loss].fn(logits, self.val_y, self.tp))
+            logits = predict_logits(
+                self.net, self.val_x, self.opts.crop, device=self.device, amp=self.opts.amp
+            )
+        loss = float(self.opts.loss(logits, self.val_y))
         return loss, float((logits.argmax(1) == self.val_y).float().mean())
 
     def validate_shards(self) -> tuple[float, float]:
@@ -326,9 +381,11 @@ class Loop:
                 self.bare.eval()
                 logits = self.bare(self.val_x[lo:hi]).float()
         else:
-            logits = predict_logits(self.bare, self.val_x[lo:hi], self.tp.crop, self.device, self.tp.amp)
+            logits = predict_logits(
+                self.bare, self.val_x[lo:hi], self.opts.crop, device=self.device, amp=self.opts.amp
+            )
         logits = world.gather_rows(logits, n)
-        loss = float(LOSSES[self.tp.loss].fn(logits, self.val_y, self.tp))
+        loss = float(self.opts.loss(logits, self.val_y))
         return loss, float((logits.argmax(1) == self.val_y).float().mean())
 
 
@@ -336,18 +393,20 @@ def train(
     model: nn.Module,
     train_split: Split,
     val_split: Split,
-    tp: TrainParams,
+    *,
+    options: LoopOptions,
     device: torch.device,
     seed: int,
-    on_epoch=None,
+    on_epoch: Callable[[dict], None] | None = None,
     world=None,
 ) -> History:
     """Train `model` in place; returns the per-epoch history and the best-val-accuracy weights.
-    With a `world` (several processes) every rank runs this; the history is the same on each."""
-    loop = Loop(model, train_split, val_split, tp, device, seed, world)
+    `seed` seeds the one generator of the batch order and the augmentation; `on_epoch` gets each
+    epoch's row. With a `world` (several processes) every rank runs this; the history is the same on each."""
+    loop = Loop(model, train_split, val_split, options=options, device=device, seed=seed, world=world)
     history = History()
     quiet = None if world is None or world.rank == 0 else True
-    bar = tqdm(range(1, tp.epochs + 1), desc="finetune", unit="epoch", leave=False, disable=quiet)
+    bar = tqdm(range(1, options.epochs + 1), desc="finetune", unit="epoch", leave=False, disable=quiet)
     for epoch in bar:
         start = time.perf_counter()
         train_loss, train_acc = loop.train_epoch()
@@ -389,7 +448,7 @@ def train(
     return history
 
 
-def summary(h: History, device, devices: list[str] | None = None) -> dict:
+def train_metrics(h: History, device, devices: list[str] | None = None) -> dict:
     """metrics/train.json; with several processes also the world size and every rank's device."""
     last = h.epochs[-1]
     cuda = {}

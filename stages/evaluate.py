@@ -49,7 +49,7 @@ def main(argv=None):
     classes = meta["classes"]
     val = load_split(args.data, "val")
 
-    logits = predict_logits(model.to(device), val.images, meta["input_size"], device)
+    logits = predict_logits(model.to(device), val.images, meta["input_size"], device=device)
     proba = probabilities(logits, meta["loss"]).double().numpy()
     proba /= proba.sum(1, keepdims=True)  # exact in float64, as scikit-learn checks
     y_true = val.labels.numpy()

@@ -12,7 +12,9 @@ import pytest
 import torch
 import yaml
 
+from cnnlens.config import PrepareParams, TrainParams
 from cnnlens.shards import ShardWriter, write_index
+from cnnlens.tensors import MEAN, STD, Split
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "hymenoptera_data"
@@ -54,33 +56,34 @@ def write_params(path: Path, overrides: dict | None = None) -> Path:
 def make_prepared(
     root: Path, n_train=16, n_val=8, size=40, classes=("ants", "bees"), seed=0, masks=False, separable=True
 ) -> Path:
-    """A prepared dir per the contract: class 0 dark images, class 1 bright (trivially separable)."""
+    """A prepared dir as the prepare stage writes it (shards, index, classes.json): class 0 dark
+    images, class 1 bright (trivially separable)."""
     g = torch.Generator().manual_seed(seed)
-    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
     for split, n in (("train", n_train), ("val", n_val)):
         labels = torch.arange(n) % len(classes)
         noise = torch.randint(0, 60, (n, 3, size, size), generator=g)
         base = (labels * 150).view(n, 1, 1, 1) if separable else torch.zeros(n, 1, 1, 1, dtype=torch.long)
-        blob = {
-            "images": (noise + base).clamp(0, 255).to(torch.uint8),
-            "labels": labels,
-            "paths": [f"{split}/{classes[int(c)]}/{i:03d}.png" for i, c in enumerate(labels)],
-        }
+        images = (noise + base).clamp(0, 255).to(torch.uint8)
+        paths = [f"{split}/{classes[int(c)]}/{i:03d}.png" for i, c in enumerate(labels)]
+        m = None
         if masks:
             m = torch.zeros(n, size, size, dtype=torch.uint8)
             m[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
-            blob["masks"] = m
-        torch.save(blob, root / f"{split}.pt")
-    (root / "classes.json").write_text(json.dumps(list(classes)))
+        splits[split] = Split(images, labels, paths, m)
+    write_shards(root / "shards", splits, size)
+    (root / "classes.json").write_text(json.dumps(list(classes)) + "\n")
     return root
 
 
-def write_shards(folder, splits: dict, side: int, per_shard: int, masks=True) -> None:
-    """splits: {name: Split in memory} -> shards of `per_shard` images each, plus the index."""
+def write_shards(folder, splits: dict, side: int, per_shard: int | None = None, masks=True) -> None:
+    """splits: {name: Split} -> shards and their index, by the shard writer the prepare stage uses;
+    `per_shard` images a shard, or as many as prepare's default prepare.shard_mb holds."""
     folder.mkdir(parents=True, exist_ok=True)
+    shard_bytes = PrepareParams().shard_mb * 2**20 if per_shard is None else per_shard * 3 * side * side
     entries = {}
     for name, s in splits.items():
-        w = ShardWriter(folder, name, side, per_shard * 3 * side * side)
+        w = ShardWriter(folder, name, side, shard_bytes)
         for i in range(len(s)):
             mask = s.masks[i].numpy() if masks and s.masks is not None else None
             w.add(s.images[i].numpy(), mask, int(s.labels[i]), s.paths[i])
@@ -106,6 +109,13 @@ TINY_TRAIN = {
     "step_size": 2,
     "threads": 1,
 }
+
+
+def loop_options(**train):
+    """training.LoopOptions from train params (the defaults, `train` overriding), as finetune builds them."""
+    from stages.finetune import loop_options as from_params
+
+    return from_params(TrainParams(**train))
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +162,6 @@ def checkpoint_meta(crop: int, loss: str = "cross_entropy") -> dict:
         "input_size": crop,
         "loss": loss,
         "mode": "finetune",
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
+        "mean": list(MEAN),
+        "std": list(STD),
     }

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import checkpoint_meta, run_stage, small_resnet
+from conftest import checkpoint_meta, run_stage, small_resnet, write_shards
 from PIL import Image
 from torch import nn
 
@@ -25,7 +25,7 @@ from cnnlens import hooks as F
 from cnnlens.cli import run_main
 from cnnlens.errors import StageError
 from cnnlens.model import build_model, load_checkpoint, save_checkpoint
-from cnnlens.tensors import eval_inputs, normalize_maps
+from cnnlens.tensors import Split, eval_inputs, normalize_maps
 
 torch.set_num_threads(2)
 
@@ -68,15 +68,13 @@ def project(tmp_path_factory):
     val_images = torch.randint(0, 256, (len(VAL_PATHS), 3, SIDE, SIDE), generator=g, dtype=torch.uint8)
     val_images[VAL_PATHS.index("val/ants/flat.jpg")] = 128  # a constant image
     labels = torch.tensor([0 if "/ants/" in p else 1 for p in VAL_PATHS])
-    torch.save({"images": val_images, "labels": labels, "paths": VAL_PATHS}, prepared / "val.pt")
-    torch.save(
-        {
-            "images": val_images[:2].clone(),
-            "labels": labels[:2].clone(),
-            "paths": ["train/ants/t0.jpg", "train/ants/t1.jpg"],
-        },
-        prepared / "train.pt",
-    )
+    splits = {
+        "val": Split(val_images, labels, VAL_PATHS, None),
+        "train": Split(
+            val_images[:2].clone(), labels[:2].clone(), ["train/ants/t0.jpg", "train/ants/t1.jpg"], None
+        ),
+    }
+    write_shards(prepared / "shards", splits, SIDE)
     (prepared / "classes.json").write_text(json.dumps(["ants", "bees"]))
     model = small_resnet(bn_bias=(-0.3, 0.2))
     meta = checkpoint_meta(CROP)

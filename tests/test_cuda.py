@@ -6,20 +6,19 @@ graph's SGD update against torch.optim.SGD, and the dvclive-free logger the GPU 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_prepared, make_weights_dir, run_stage, write_params
+from conftest import ROOT, loop_options, make_prepared, make_weights_dir, run_stage, write_params
 
 from cnnlens.attribution import METHODS, explain
-from cnnlens.config import TrainParams
+from cnnlens.live import log_epoch
 from cnnlens.model import build_model, to_device
 from cnnlens.tensors import load_split, normalize, random_resized_crop
-from cnnlens.training import configure, sgd_update, train
+from cnnlens.training import configure_torch, sgd_update, train
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -75,7 +74,7 @@ def test_sgd_update_matches_torch_sgd(momentum, weight_decay):
             bufs = [w.clone() for w in wd] if momentum else []
             torch._foreach_add_(mine, wd if not momentum else bufs, alpha=-0.05)
             continue
-        sgd_update(mine, gs, bufs, neg_lr, momentum, weight_decay)
+        sgd_update(mine, gs, bufs, neg_lr=neg_lr, momentum=momentum, weight_decay=weight_decay)
     for p, q in zip(opt.param_groups[0]["params"], mine):
         assert torch.allclose(p.detach(), q, rtol=1e-6, atol=1e-7), (p.detach() - q).abs().max()
 
@@ -95,9 +94,7 @@ def test_plain_live_writes_what_dvclive_writes(tmp_path):
     ):
         for row in rows:
             for live in (a, b):
-                for key, value in row.items():
-                    live.log_metric(key, value, plot=True)
-                live.next_step()
+                log_epoch(live, {"epoch": 1, **row})
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     for f in files:
@@ -206,12 +203,14 @@ def tiny_training(tmp_path, n_train=26):
     return load_split(prepared, "train"), load_split(prepared, "val")
 
 
-def run_train(tp: TrainParams, splits, seed=0):
+def run_train(train_params: dict, splits, seed=0):
     device = torch.device("cuda")
-    configure(tp, device, seed)
+    configure_torch(device, seed, threads=0, deterministic=False)
+    # deterministic cuDNN kernels, not torch.use_deterministic_algorithms (train.deterministic sets both)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     torch.manual_seed(seed)
     model = build_model("resnet18", 2)
-    history = train(model, *splits, tp, device, seed)
+    history = train(model, *splits, options=loop_options(**train_params), device=device, seed=seed)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, history
 
 
@@ -227,9 +226,9 @@ def test_graphed_training_equals_eager(tmp_path, amp):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     splits = tiny_training(tmp_path)
-    base = TrainParams(epochs=2, batch_size=4, lr=0.01, step_size=1, crop=32, amp=amp, deterministic=True)
-    eager, h_eager = run_train(dataclasses.replace(base, cuda_graphs="off"), splits)
-    graphed, h_graph = run_train(dataclasses.replace(base, cuda_graphs="on"), splits)
+    base = dict(epochs=2, batch_size=4, lr=0.01, step_size=1, crop=32, amp=amp)
+    eager, h_eager = run_train({**base, "cuda_graphs": "off"}, splits)
+    graphed, h_graph = run_train({**base, "cuda_graphs": "on"}, splits)
     torch.backends.cudnn.deterministic = False
     assert h_graph.cuda_graphs and not h_eager.cuda_graphs
     tol = 2e-2 if amp else 1e-4

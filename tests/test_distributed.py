@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_TRAIN, make_prepared, make_weights_dir, write_params, write_shards
+from conftest import (
+    ROOT,
+    TINY_TRAIN,
+    loop_options,
+    make_prepared,
+    make_weights_dir,
+    write_params,
+    write_shards,
+)
 from dvc_helpers import copy_project, dvc, dvc_json, finished_project, free_port, set_params, stage_report
 from torch import nn
 
@@ -26,9 +34,11 @@ from cnnlens.config import TrainParams, parse_params
 from cnnlens.errors import ParamsError
 from cnnlens.tensors import load_split
 from cnnlens.training import train
+from stages.finetune import plan_world
 
 # A global batch of 6 over 21 images: batches 6, 6, 6, 3; the last splits 1 + 2 over two ranks, so the
 # uneven-slice loss scaling runs too. Augmentation on (random boxes and flips from the one generator).
+# The images resident in memory (resident_mb), as the streaming test below compares against.
 SAME = {
     **TINY_TRAIN,
     "epochs": 2,
@@ -37,6 +47,7 @@ SAME = {
     "lr": 0.02,
     "step_size": 10,
     "sync_batchnorm": True,
+    "resident_mb": 1024,
 }
 
 
@@ -70,8 +81,7 @@ def train_rank(data_dir: str, overrides: dict, slicing: str):
     from cnnlens.shards import ShardedTensor
 
     torch.set_num_threads(1)
-    tp = TrainParams(**overrides)
-    world = World(tp, torch.device("cpu"))
+    world = World(torch.device("cpu"), TrainParams(**overrides).backend)
     if slicing == "same":
         bounds = World.bounds  # rank 0's rows wherever a rank asks for its own
         World.bounds = lambda self, n, rank=None: bounds(self, n, 0 if rank is None else rank)
@@ -84,7 +94,15 @@ def train_rank(data_dir: str, overrides: dict, slicing: str):
         )
     torch.manual_seed(0)
     model = tiny_net()
-    history = train(model, train_split, val_split, tp, world.device, 0, world=world)
+    history = train(
+        model,
+        train_split,
+        val_split,
+        options=loop_options(**overrides),
+        device=world.device,
+        seed=0,
+        world=world,
+    )
     world.close()
     return model.state_dict(), history.epochs, sum(read)
 
@@ -108,10 +126,8 @@ def one_process(data_dir, overrides):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = tiny_net()
-    tp = TrainParams(**overrides)
-    history = train(
-        model, load_split(data_dir, "train"), load_split(data_dir, "val"), tp, torch.device("cpu"), 0
-    )
+    splits = load_split(data_dir, "train"), load_split(data_dir, "val")
+    history = train(model, *splits, options=loop_options(**overrides), device=torch.device("cpu"), seed=0)
     return model.state_dict(), history.epochs
 
 
@@ -173,11 +189,9 @@ def test_two_streaming_ranks_read_only_their_rows_and_equal_one_process(data, tm
 
 def test_world_size_is_checked_before_anything_starts(tmp_path):
     cpu = torch.device("cpu")
-    from cnnlens.distributed import plan
-
-    assert plan(TrainParams(), cpu).size == 1
-    assert plan(TrainParams(nproc_per_node="auto"), cpu).size == 1  # auto: every GPU; none here
-    assert plan(TrainParams(nproc_per_node=2, batch_size=4), cpu).size == 2
+    assert plan_world(TrainParams(), cpu).size == 1
+    assert plan_world(TrainParams(nproc_per_node="auto"), cpu).size == 1  # auto: every GPU; none here
+    assert plan_world(TrainParams(nproc_per_node=2, batch_size=4), cpu).size == 2
     bad = {
         "does not divide by the world size 3": dict(nproc_per_node=3, batch_size=4),
         "node_rank = 2 must be below train.nnodes = 2": dict(nnodes=2, node_rank=2, rdzv_endpoint="h:1"),
@@ -187,7 +201,7 @@ def test_world_size_is_checked_before_anything_starts(tmp_path):
     }
     for message, values in bad.items():
         with pytest.raises(ParamsError, match=message) as err:
-            plan(TrainParams(**values), cpu)
+            plan_world(TrainParams(**values), cpu)
         assert err.value.exit_code == 2 and "\n" not in str(err.value)
     assert parse_params({"train": {"nproc_per_node": "auto"}}).train.nproc_per_node == "auto"
     with pytest.raises(ParamsError, match="expected auto or an integer"):

@@ -10,6 +10,7 @@ from conftest import make_prepared, run_stage, write_params
 
 from cnnlens.metrics import classification_metrics, confusion, expected_calibration_error, reliability_table
 from cnnlens.model import build_model, save_checkpoint
+from cnnlens.tensors import eval_inputs, load_split
 
 # a fixed prediction table: 4 ants (0), 6 bees (1)
 Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
@@ -68,12 +69,10 @@ def test_stage_writes_metrics_plots_table_and_gallery(tmp_path):
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "eval.json").read_text())
     # the same numbers from an independent forward pass
-    val = torch.load(prepared / "val.pt", weights_only=True)
-    from cnnlens.tensors import eval_inputs
-
+    val = load_split(prepared, "val")
     with torch.no_grad():
-        proba = torch.softmax(model(eval_inputs(val["images"], 32)), 1).numpy()
-    y = val["labels"].numpy()
+        proba = torch.softmax(model(eval_inputs(val.images[:], 32)), 1).numpy()
+    y = val.labels.numpy()
     assert m["accuracy"] == pytest.approx(float((proba.argmax(1) == y).mean()))
     table = pd.read_csv(tmp_path / "plots" / "predictions.csv")
     assert list(table.columns) == ["path", "true", "predicted", "p_ants", "p_bees", "correct"]

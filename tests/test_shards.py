@@ -9,17 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_TRAIN, make_weights_dir, run_stage, write_params, write_shards
+from conftest import TINY_TRAIN, loop_options, make_weights_dir, run_stage, write_params, write_shards
 from PIL import Image
 
 from cnnlens import shards
-from cnnlens.config import TrainParams
 from cnnlens.decode import bounded_map
 from cnnlens.errors import StageError
 from cnnlens.model import build_model
 from cnnlens.shards import ShardedTensor, ShardWriter, resident_budget, write_index
 from cnnlens.tensors import Split, load_split
-from cnnlens.training import configure, place, train
+from cnnlens.training import configure_torch, place, train
 
 
 def random_split(n, side, seed, split="train", separable=True) -> Split:
@@ -122,37 +121,36 @@ def test_a_truncated_shard_stops_finetune_with_one_line(tmp_path):
 
 
 def run_training(prepared, resident_mb, seed=0):
-    tp = TrainParams(**{**TINY_TRAIN, "crop": 16, "epochs": 2, "batch_size": 5, "resident_mb": resident_mb})
-    configure(tp, torch.device("cpu"), seed)
-    model = build_model("resnet18", 2)
-    history = train(
-        model, load_split(prepared, "train"), load_split(prepared, "val"), tp, torch.device("cpu"), seed
+    options = loop_options(
+        **{**TINY_TRAIN, "crop": 16, "epochs": 2, "batch_size": 5, "resident_mb": resident_mb}
     )
+    cpu = torch.device("cpu")
+    configure_torch(cpu, seed, threads=TINY_TRAIN["threads"], deterministic=False)
+    model = build_model("resnet18", 2)
+    splits = load_split(prepared, "train"), load_split(prepared, "val")
+    history = train(model, *splits, options=options, device=cpu, seed=seed)
     return model.state_dict(), history
 
 
 @pytest.mark.trajectory
 def test_streamed_training_equals_resident_training_bit_for_bit(tmp_path, one_thread):
     """Same seed, same data: streaming batches from 5 shards (resident_mb: 0), holding the set in memory
-    (resident_mb: 1024) and the old single-file split give the same weights and metrics, exactly."""
+    (resident_mb: 1024) and the same images in one shard give the same weights and metrics, exactly."""
     train_split, val_split = random_split(23, 20, 0), random_split(7, 20, 1, "val")
     write_shards(tmp_path / "sharded" / "shards", {"train": train_split, "val": val_split}, 20, 5)
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    for name, s in (("train", train_split), ("val", val_split)):
-        torch.save({"images": s.images, "labels": s.labels, "paths": s.paths}, legacy / f"{name}.pt")
+    write_shards(tmp_path / "one" / "shards", {"train": train_split, "val": val_split}, 20)
     streamed, h_streamed = run_training(tmp_path / "sharded", 0)
     resident, h_resident = run_training(tmp_path / "sharded", 1024)
-    old, h_old = run_training(legacy, "auto")
-    assert h_streamed.streamed and not h_resident.streamed and not h_old.streamed
+    one, h_one = run_training(tmp_path / "one", "auto")
+    assert h_streamed.streamed and not h_resident.streamed and h_one.streamed
     strip = [
         [{k: v for k, v in e.items() if k != "seconds"} for e in h.epochs]
-        for h in (h_streamed, h_resident, h_old)
+        for h in (h_streamed, h_resident, h_one)
     ]
     assert strip[0] == strip[1] == strip[2]
     for name, value in resident.items():
         assert torch.equal(streamed[name], value), name
-        assert torch.equal(old[name], value), name
+        assert torch.equal(one[name], value), name
 
 
 def test_auto_streams_on_a_cpu_and_a_budget_keeps_what_fits(tmp_path):
@@ -166,7 +164,7 @@ def test_auto_streams_on_a_cpu_and_a_budget_keeps_what_fits(tmp_path):
     need = train_images.nbytes + val_images.nbytes  # 30 images x 3 x 20 x 20 = 36,000 bytes
     assert need == 30 * 3 * 20 * 20
     for setting, streams in (("auto", True), (0, True), (1, False)):
-        placed = place(train_images, val_images, setting, cpu)
+        placed = place(train_images, val_images, resident_mb=setting, device=cpu)
         assert all(isinstance(t, ShardedTensor) == streams for t in placed), setting
         if not streams:
             assert torch.equal(placed[0], train_split.images) and torch.equal(placed[1], val_split.images)

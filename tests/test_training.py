@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, make_prepared, make_weights_dir, run_stage, write_params
+from conftest import TINY_TRAIN, loop_options, make_prepared, make_weights_dir, run_stage, write_params
 
-from cnnlens.config import TrainParams
 from cnnlens.errors import StageError
 from cnnlens.losses import LOSSES as LOSS_REGISTRY
+from cnnlens.losses import make_loss
 from cnnlens.model import build_model, load_backbone, load_checkpoint, probabilities, save_checkpoint
 from cnnlens.tensors import load_split, random_resized_crop
-from cnnlens.training import configure, train
+from cnnlens.training import configure_torch, train
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +41,13 @@ LEARNS = {**TINY_TRAIN, "epochs": 12, "batch_size": 8, "step_size": 4, "crop": 1
 @pytest.mark.parametrize("loss", LOSS_REGISTRY)
 def test_every_loss_and_mode_learns(separable, loss, mode, seed):
     lr = 0.01 if mode == "finetune" else 0.2
-    tp = TrainParams(**{**LEARNS, "loss": loss, "mode": mode, "lr": lr})
-    configure(tp, torch.device("cpu"), seed)
+    options = loop_options(**{**LEARNS, "loss": loss, "mode": mode, "lr": lr})
+    cpu = torch.device("cpu")
+    configure_torch(cpu, seed, threads=LEARNS["threads"], deterministic=False)
     model = build_model("resnet18", 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    history = train(
-        model, load_split(separable, "train"), load_split(separable, "val"), tp, torch.device("cpu"), seed
-    )
+    splits = load_split(separable, "train"), load_split(separable, "val")
+    history = train(model, *splits, options=options, device=cpu, seed=seed)
     rows = [{k: round(v, 3) for k, v in e.items()} for e in history.epochs]
     # properties with margins, not one CPU's trajectory: in the last two epochs at most one of the 16 val
     # images is wrong, and after the lr decay the training loss has at least halved in some epoch (it
@@ -65,18 +65,22 @@ def test_losses_against_hand_computed_values():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     labels = torch.tensor([0, 0])
     ce = -(torch.log(torch.tensor(1 / (1 + torch.e**-2))) + torch.log(torch.tensor(1 / (1 + torch.e)))) / 2
-    tp = TrainParams()
-    assert torch.isclose(LOSS_REGISTRY["cross_entropy"].fn(logits, labels, tp), ce)
+    losses = {name: make_loss(name, label_smoothing=0.0, focal_gamma=2.0) for name in LOSS_REGISTRY}
+    assert torch.isclose(losses["cross_entropy"](logits, labels), ce)
     # focal with gamma 0 is cross-entropy; with gamma 2 each term is scaled by (1-p)^2
-    assert torch.isclose(LOSS_REGISTRY["focal"].fn(logits, labels, TrainParams(focal_gamma=0.0)), ce)
+    assert torch.isclose(make_loss("focal", label_smoothing=0.0, focal_gamma=0.0)(logits, labels), ce)
     p = torch.softmax(logits, 1)[:, 0]
-    assert torch.isclose(LOSS_REGISTRY["focal"].fn(logits, labels, tp), (-((1 - p) ** 2) * p.log()).mean())
+    assert torch.isclose(losses["focal"](logits, labels), (-((1 - p) ** 2) * p.log()).mean())
+    # label smoothing eps: the target is (1 - eps) on the label plus eps / C on every class
+    smoothed = make_loss("cross_entropy", label_smoothing=0.2, focal_gamma=2.0)(logits, labels)
+    logp = torch.log_softmax(logits, 1)
+    assert torch.isclose(smoothed, -(0.9 * logp[:, 0] + 0.1 * logp[:, 1]).mean())
     # bce: sigmoid of every logit against one-hot targets [[1,0],[1,0]]
     s = torch.sigmoid(logits)
     bce = -(torch.log(s[0, 0]) + torch.log(1 - s[0, 1]) + torch.log(s[1, 0]) + torch.log(1 - s[1, 1])) / 4
-    assert torch.isclose(LOSS_REGISTRY["bce_with_logits"].fn(logits, labels, tp), bce)
+    assert torch.isclose(losses["bce_with_logits"](logits, labels), bce)
     # hinge: sum over wrong classes of max(0, 1 - (x_y - x_j)) / C
-    assert torch.isclose(LOSS_REGISTRY["multi_margin"].fn(logits, labels, tp), torch.tensor((0 + 2 / 2) / 2))
+    assert torch.isclose(losses["multi_margin"](logits, labels), torch.tensor((0 + 2 / 2) / 2))
     pb = probabilities(logits, "bce_with_logits")
     assert torch.allclose(pb.sum(1), torch.ones(2)) and torch.allclose(pb[0, 0], s[0, 0] / s[0].sum())
 
