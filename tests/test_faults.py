@@ -230,10 +230,15 @@ def test_read_only_metrics_folder_keeps_the_old_plots(tmp_path, mount_tmpfs):
 
 
 def run_main_in_process(main, argv, capsys) -> tuple[int, str]:
+    """Run a stage's main as its process would, the locks it takes released as at the process's exit."""
     from cnnlens.cli import run_main
+    from cnnlens.files import release_locks
 
-    with pytest.raises(SystemExit) as stop:
-        run_main(main, [str(a) for a in argv])
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_main(main, [str(a) for a in argv])
+    finally:
+        release_locks()
     return stop.value.code, capsys.readouterr().err
 
 
