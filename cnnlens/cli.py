@@ -2,6 +2,7 @@
 
 run_main turns a StageError or a full, read-only or forbidden disk (cnnlens.errors) into one line on
 stderr and an exit code instead of a traceback, and stops the command when its parent (dvc) dies.
+The line stays one line of readable length whatever the message holds (one_line).
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ from typing import Callable
 from cnnlens.errors import StageError, disk_error_line
 
 PARENT_PID = os.getppid()  # read as early as possible: a parent that dies before prctl is caught below
+MAX_LINE = 1000  # characters of an error line; a longer message keeps its start and its end (the fix)
+
+
+def one_line(message: str, limit: int = MAX_LINE) -> str:
+    """`message` as one line of at most `limit` characters: line breaks become spaces, and the middle
+    of a longer message is cut, so that both what went wrong and how to fix it remain."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return f"{text[: limit - tail - 5]} ... {text[-tail:]}"
 
 
 def log(msg: str) -> None:
@@ -51,13 +63,13 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     try:
         main(argv)
     except StageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except OSError as exc:
         line = disk_error_line(exc)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {one_line(line)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

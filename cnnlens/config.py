@@ -1,14 +1,19 @@
 """params.yaml, loaded once into typed, validated dataclasses.
 
 Each section of params.yaml is one dataclass below; each field's metadata says what is allowed.
-A wrong type, a value out of range, an unknown choice or an unknown key (a typo) raises
-ParamsError (exit code 2) naming the key, the bad value and what is allowed.
+A wrong type (a list item too, a float that is NaN or infinite), a value out of range, an unknown
+choice or an unknown key (a typo) raises ParamsError (exit code 2) naming the key, the bad value
+(cut short) and what is allowed. The file itself is read by a strict YAML loader: a syntax error
+(line, column), a duplicate key (both lines, as DVC refuses it) or an anchor/alias (a few lines of
+them can expand to gigabytes) is one ParamsError line too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,8 +162,10 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class SaliencyParams:
     num_images: int = param(8, min=1, max=10_000, doc="val images explained, chosen deterministically")
-    images: list = param([], doc="explicit manifest paths; overrides num_images when not empty")
-    methods: list = param(["gradient", "smoothgrad", "integrated_gradients", "gradcam"], choices="methods")
+    images: list[str] = param([], doc="explicit manifest paths; overrides num_images when not empty")
+    methods: list[str] = param(
+        ["gradient", "smoothgrad", "integrated_gradients", "gradcam"], choices="methods"
+    )
     normalize: str = param("minmax", choices=("minmax", "percentile"))
     percentile: float = param(99.0, min=50.0, max=100.0)
     smoothgrad_sigma: float = param(0.15, min=0.0, max=1.0, doc="noise std as a fraction of the input range")
@@ -175,9 +182,9 @@ class SaliencyParams:
 
 @dataclass(frozen=True)
 class ActivationsParams:
-    images: list = param([], doc="manifest paths; empty: the first num_images val images")
+    images: list[str] = param([], doc="manifest paths; empty: the first num_images val images")
     num_images: int = param(2, min=1, max=1000)
-    layers: list = param(["stem", "layer1", "layer2", "layer3", "layer4"], choices="layers")
+    layers: list[str] = param(["stem", "layer1", "layer2", "layer3", "layer4"], choices="layers")
     max_maps: int = param(64, min=1, max=4096, doc="top-k maps by mean activation per grid")
     batch_size: int = param(32, min=1, max=4096)
     device: str = param("auto", choices=DEVICES)
@@ -197,12 +204,7 @@ class Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path}: not found; run from the project root or pass --params")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, hint="run from the project root or pass --params")
     if raw is None:  # an empty file would silently mean "all defaults"
         raise ParamsError(
             f"{path}: is empty; expected the sections {', '.join(f.name for f in dataclasses.fields(Params))} "
@@ -211,19 +213,145 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw, source=str(path))
 
 
+# ---------------------------------------------------------------------------------------------
+# reading the file: one ParamsError line for whatever keeps it from being a plain YAML mapping
+
+MAX_SHOWN = 200  # characters of a bad value shown in an error line
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, 120, 120
+_SHORT.maxlong = 40
+
+
+def shown(value) -> str:
+    """repr(value) for an error line: nested and long values cut short, never more than MAX_SHOWN
+    characters (repr of a 10**8-item list would be a 500 MB line)."""
+    return _cut(_SHORT.repr(value))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
+class _AnchorRefused(Exception):
+    def __init__(self, event):
+        super().__init__(event.anchor)
+        self.sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+        self.anchor, self.mark = event.anchor, event.start_mark
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors and aliases: a dozen lines of nested aliases expand to
+    10**9 values (a "billion laughs" file). DVC users rarely need them; the error says how to do without."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:
+            raise _AnchorRefused(event)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: str | Path, hint: str = "check the path"):
+    """The plain data (dicts, lists, scalars) of the YAML file at `path`, None if it is empty.
+    A missing or unreadable file, a syntax error, an anchor or alias, or a duplicate key raises
+    ParamsError: one line naming the file (and the line and column), and what to do."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; {hint}") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: is a folder, not a YAML file; {hint}") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read it ({exc.strerror}); check its permissions (ls -l)") from None
+    loader = None
+    try:
+        loader = _ParamsLoader(data)  # reads the first bytes already: an error here is a YAMLError too
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, path)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML{_yaml_problem(exc)}; fix the file and rerun") from None
+    except _AnchorRefused as exc:
+        raise ParamsError(
+            f"{path}: line {exc.mark.line + 1}, column {exc.mark.column + 1}: YAML anchors and aliases "
+            f"(here {exc.sign}{_cut(exc.anchor)}) are not allowed in params files; write the value out"
+        ) from None
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to be a params file; fix the file and rerun") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """` at line L, column C: what is wrong`, one line, cut short."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = ", ".join(x for x in (exc.context, exc.problem) if x)
+    elif isinstance(exc, yaml.reader.ReaderError) and exc.encoding == "unicode":  # a control character
+        where, what = f" at character {exc.position + 1}", f"character #x{exc.character:04x}, {exc.reason}"
+    elif isinstance(exc, yaml.reader.ReaderError):  # bytes that do not decode
+        where, what = f" at byte {exc.position + 1}", f"not {exc.encoding} text ({exc.reason})"
+    else:
+        where, what = "", " ".join(str(exc).split())
+    return f"{where}: {_cut(what)}"
+
+
+def _refuse_duplicate_keys(root: yaml.Node, path: Path) -> None:
+    """A key written twice in one mapping is an error, as in DVC (PyYAML alone keeps the last)."""
+    todo = [(root, "")]
+    while todo:
+        node, prefix = todo.pop()
+        if isinstance(node, yaml.SequenceNode):
+            todo += [(item, f"{prefix.rstrip('.')}[{i}].") for i, item in enumerate(node.value)]
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        seen: dict = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and (key.tag, name) in seen:
+                first = seen[(key.tag, name)]
+                raise ParamsError(
+                    f"{path}: duplicate key {_cut(prefix + name)} (line {first.start_mark.line + 1} "
+                    f"and line {key.start_mark.line + 1}); DVC refuses such a file: keep one of them"
+                )
+            seen.setdefault((key.tag, name), key)
+            todo.append((value, f"{prefix}{name}."))
+
+
+# ---------------------------------------------------------------------------------------------
+# checking the values
+
+
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     return _build(Params, raw, prefix="", source=source)
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+_WRONG = object()  # _coerce: the value has another type
+
+
+def _kind(value) -> str:
+    for cls, word in ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string")):
+        if isinstance(value, cls):
+            return word
+    return {list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
 
 
 def _build(cls, raw, prefix: str, source: str):
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: {where} must be a mapping of keys, got {raw!r}")
+        raise ParamsError(
+            f"{source}: {where} must be a mapping of keys (key: value lines), got a {_kind(raw)}: {shown(raw)}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted((k for k in raw if k not in fields), key=str)
     if unknown:
         raise ParamsError(
-            f"{source}: unknown key {prefix}{unknown[0]}; allowed keys in {where}: {', '.join(fields)}"
+            f"{source}: unknown key {_cut(prefix + str(unknown[0]))}; allowed keys in {where}: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
     values = {}
@@ -239,53 +367,82 @@ def _build(cls, raw, prefix: str, source: str):
 
 def _check(key, value, hint, meta, source):
     def fail(expected):
-        raise ParamsError(f"{source}: {key} = {value!r} is not allowed; expected {expected}")
+        raise ParamsError(f"{source}: {key} = {shown(value)} is not allowed; expected {expected}")
 
-    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
     union = isinstance(hint, types.UnionType)
+    optional = union and type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if union else hint
-    if isinstance(value, str) and value in meta.get("words", ()):
+    words = meta.get("words", ())
+    if isinstance(value, str) and value in words:
         return value
     if value is None:
         if optional:
             return None
-        fail(f"a value of type {base.__name__}")
+        fail(f"a value of type {getattr(base, '__name__', base)}")
     choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
-    words = "".join(f"{w} or " for w in meta.get("words", ()))
     if isinstance(choices, str):
         choices = registry_choices(choices)
-    if base is bool:
-        if not isinstance(value, bool):
-            fail("true or false")
-    elif base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail(words + "an integer" + _range(lo, hi))
-    elif base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail("a number" + _range(lo, hi))
-        value = float(value)
-    elif base is str:
-        if isinstance(value, bool) and choices and {"on", "off"} <= set(choices):
-            value = "on" if value else "off"  # YAML 1.1 (PyYAML, DVC's -S) reads a bare on/off as a boolean
-        if not isinstance(value, str):
-            fail("a string" + (f", one of: {', '.join(choices)}" if choices else ""))
-    elif base is list:
-        if not isinstance(value, list):
-            fail("a list" + (f" of: {', '.join(choices)}" if choices else ""))
-        if choices:
-            for item in value:
-                if item not in choices:
-                    raise ParamsError(
-                        f"{source}: {key} contains unknown choice {item!r}; allowed: {', '.join(choices)}"
-                    )
-            if len(set(value)) != len(value):
-                fail("a list without repeats")
-        return list(value)
-    if choices and base is not list and value not in choices:
+    if typing.get_origin(base) is list:
+        return _check_list(key, value, base, choices, source)
+    got = _coerce(value, base, choices)
+    if got is _WRONG:
+        fail(_expected(base, choices, words, lo, hi))
+    if choices and got not in choices:
         fail(f"one of: {', '.join(choices)}")
-    if lo is not None and value < lo or hi is not None and value > hi:
-        fail(words + (_range(lo, hi).lstrip(", ") or "a value in range"))
-    return value
+    if lo is not None and got < lo or hi is not None and got > hi:
+        fail("".join(f"{w} or " for w in words) + (_range(lo, hi).lstrip(", ") or "a value in range"))
+    return got
+
+
+def _coerce(value, base, choices):
+    """`value` as a `base` (bool, int, float or str), or _WRONG if YAML gave another type."""
+    if base is bool:
+        return value if isinstance(value, bool) else _WRONG
+    if base is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _WRONG
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return _WRONG
+        try:
+            value = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            return _WRONG
+        return value if math.isfinite(value) else _WRONG  # .nan, .inf, -.inf
+    if base is str:
+        if isinstance(value, bool) and choices and {"on", "off"} <= set(choices):
+            return "on" if value else "off"  # YAML 1.1 (PyYAML, DVC's -S) reads a bare on/off as a boolean
+        return value if isinstance(value, str) else _WRONG
+    raise TypeError(f"params of type {base} have no check; add one to cnnlens.config._coerce")
+
+
+def _expected(base, choices, words, lo, hi) -> str:
+    if base is str and choices:
+        return f"a string, one of: {', '.join(choices)}"
+    rng = _range(lo, hi) if base in (int, float) else ""
+    return "".join(f"{w} or " for w in words) + _KINDS[base] + rng
+
+
+def _check_list(key, value, hint, choices, source) -> list:
+    """A list whose every item has the declared type (`list[str]`), each one of `choices` if given."""
+    (item_type,) = typing.get_args(hint)
+    allowed = f": {', '.join(choices)}" if choices else f" ({_KINDS[item_type]} each)"
+    if not isinstance(value, list):
+        raise ParamsError(f"{source}: {key} = {shown(value)} is not allowed; expected a list{allowed}")
+    items = []
+    for i, item in enumerate(value):
+        got = _coerce(item, item_type, choices)
+        if got is _WRONG:
+            raise ParamsError(
+                f"{source}: {key}[{i}] = {shown(item)} is not allowed; expected {_KINDS[item_type]}"
+            )
+        if choices and got not in choices:
+            raise ParamsError(
+                f"{source}: {key} contains unknown choice {shown(got)}; allowed: {', '.join(choices)}"
+            )
+        items.append(got)
+    if len(set(items)) != len(items) and choices:
+        raise ParamsError(f"{source}: {key} = {shown(value)} is not allowed; expected a list without repeats")
+    return items
 
 
 def _range(lo, hi) -> str:
@@ -330,6 +487,18 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def _mapping(path) -> dict:
+    """A YAML file for `merge`: a mapping (empty if the file is), else one ParamsError line."""
+    raw = read_yaml(path)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ParamsError(
+            f"{path}: top level must be a mapping of keys (key: value lines), got a {_kind(raw)}"
+        )
+    return raw
+
+
 def _cli(argv=None) -> None:
     """`python -m cnnlens.config merge BASE OVERRIDES [-o OUT]`: write a validated merged params file
     (used by `make demo` and the tests); `python -m cnnlens.config check [FILE]`: validate only."""
@@ -353,10 +522,7 @@ def _cli(argv=None) -> None:
             load_params(args.file)
             print(f"{args.file}: ok", file=sys.stderr)
             return
-        merged = merge(
-            yaml.safe_load(Path(args.base).read_text()) or {},
-            yaml.safe_load(Path(args.overrides).read_text()) or {},
-        )
+        merged = merge(_mapping(args.base), _mapping(args.overrides))
         parse_params(merged, source=f"{args.base} + {args.overrides}")
         text = yaml.safe_dump(merged, sort_keys=False)
         if args.out:

@@ -230,10 +230,15 @@ def test_read_only_metrics_folder_keeps_the_old_plots(tmp_path, mount_tmpfs):
 
 
 def run_main_in_process(main, argv, capsys) -> tuple[int, str]:
+    """Run a stage's main as its process would, the locks it takes released as at the process's exit."""
     from cnnlens.cli import run_main
+    from cnnlens.files import release_locks
 
-    with pytest.raises(SystemExit) as stop:
-        run_main(main, [str(a) for a in argv])
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_main(main, [str(a) for a in argv])
+    finally:
+        release_locks()
     return stop.value.code, capsys.readouterr().err
 
 
@@ -442,3 +447,20 @@ def test_a_failed_rename_puts_every_old_out_back(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["old.csv"]
     assert (tmp_path / "m.json").read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "plots"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. (issue 20) an error line stays one readable line, whatever the message holds
+
+
+def test_a_huge_or_multi_line_error_is_one_short_line(capsys):
+    from cnnlens.errors import StageError
+
+    def main(argv):
+        raise StageError("data.source: bad\n" + "x" * 1_000_000 + "\nfix: set data.source to a folder")
+
+    code, err = run_main_in_process(main, [], capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and len(err) <= 1100, err[:2000]
+    assert err.startswith("error: data.source: bad x") and err.rstrip().endswith(
+        "fix: set data.source to a folder"
+    )
