@@ -48,7 +48,7 @@ def eval_statistics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     }
 
 
-def eval_intervals(y_true: np.ndarray, proba: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> dict:
+def eval_intervals(y_true: np.ndarray, proba: np.ndarray, *, n_resamples: int = 1000, seed: int = 0) -> dict:
     """{metric: {mean, low, high, n}}: the value on all images and a 95% percentile-bootstrap
     interval from resampling the images (the same resamples for every metric and every loss)."""
     rng = np.random.default_rng(seed)
@@ -179,8 +179,8 @@ def main(argv=None) -> None:
         denormalize(first["inputs"][:n]).permute(0, 2, 3, 1).numpy(),
         maps,
         ["/".join(p.split("/")[-2:]) for p in first["paths"][:n]],
-        args.method,
-        q,
+        method=args.method,
+        scale=q,
     )
     save_figure(fig, args.out / "saliency_by_loss.png")
     log(markdown_table(table, args.method) + f"compare: {len(runs)} losses -> {args.out}/")

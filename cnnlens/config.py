@@ -361,11 +361,11 @@ def _build(cls, raw, prefix: str, source: str):
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value if value is not None else {}, key + ".", source)
         else:
-            values[name] = _check(key, value, hint, fields[name].metadata, source)
+            values[name] = _check(key, value, hint=hint, meta=fields[name].metadata, source=source)
     return cls(**values)
 
 
-def _check(key, value, hint, meta, source):
+def _check(key, value, *, hint, meta, source):
     def fail(expected):
         raise ParamsError(f"{source}: {key} = {shown(value)} is not allowed; expected {expected}")
 
@@ -383,10 +383,10 @@ def _check(key, value, hint, meta, source):
     if isinstance(choices, str):
         choices = registry_choices(choices)
     if typing.get_origin(base) is list:
-        return _check_list(key, value, base, choices, source)
+        return _check_list(key, value, hint=base, choices=choices, source=source)
     got = _coerce(value, base, choices)
     if got is _WRONG:
-        fail(_expected(base, choices, words, lo, hi))
+        fail(_expected(base, choices=choices, words=words, lo=lo, hi=hi))
     if choices and got not in choices:
         fail(f"one of: {', '.join(choices)}")
     if lo is not None and got < lo or hi is not None and got > hi:
@@ -415,14 +415,14 @@ def _coerce(value, base, choices):
     raise TypeError(f"params of type {base} have no check; add one to cnnlens.config._coerce")
 
 
-def _expected(base, choices, words, lo, hi) -> str:
+def _expected(base, *, choices, words, lo, hi) -> str:
     if base is str and choices:
         return f"a string, one of: {', '.join(choices)}"
     rng = _range(lo, hi) if base in (int, float) else ""
     return "".join(f"{w} or " for w in words) + _KINDS[base] + rng
 
 
-def _check_list(key, value, hint, choices, source) -> list:
+def _check_list(key, value, *, hint, choices, source) -> list:
     """A list whose every item has the declared type (`list[str]`), each one of `choices` if given."""
     (item_type,) = typing.get_args(hint)
     allowed = f": {', '.join(choices)}" if choices else f" ({_KINDS[item_type]} each)"
@@ -459,7 +459,7 @@ def to_dict(params) -> dict:
     return dataclasses.asdict(params)
 
 
-def stage_args(doc: str, path_flags: tuple[str, ...], argv=None, outs: tuple[str, ...] = ()):
+def stage_args(doc: str, path_flags: tuple[str, ...], *, argv=None, outs: tuple[str, ...] = ()):
     """The command line every stage shares: its paths (from dvc.yaml) and --params. Returns (args, Params).
 
     The paths named in `outs` (flags) are locked for the life of the process (files.lock_outputs)."""

@@ -190,9 +190,10 @@ def mask_box(mask) -> str:
     return f"{xs.min()} {ys.min()} {xs.max() + 1} {ys.max() + 1}"
 
 
-def prepared_name(raw: Path, split: str, cls: str, path: Path) -> str:
-    """<split>/<class>/<path inside the class folder>, plus .jpg unless it already ends so: distinct
-    sources (img.bmp, img.png, sub/img.jpg) stay distinct prepared files."""
+def prepared_name(raw: Path, job: tuple[str, str, Path]) -> str:
+    """<split>/<class>/<path inside the class folder> of job (split, class, path), plus .jpg unless it
+    already ends so: distinct sources (img.bmp, img.png, sub/img.jpg) stay distinct prepared files."""
+    split, cls, path = job
     inside = "/".join(path.relative_to(raw).parts[2:])
     return f"{split}/{cls}/{inside}" + ("" if inside.endswith(".jpg") else ".jpg")
 
@@ -201,7 +202,7 @@ def check_names(raw: Path, jobs: list) -> dict:
     """{job: prepared name}; two sources that would still share a name are refused, both named."""
     names, owner = {}, {}
     for job in jobs:
-        name = prepared_name(raw, *job)
+        name = prepared_name(raw, job)
         if name in owner:
             first, second = (j[2].relative_to(raw).as_posix() for j in (owner[name], job))
             raise StageError(f"{raw}: {first} and {second} would both become {name}; rename one of them")

@@ -593,7 +593,7 @@ def tradeoff_figure(table, method: str, *, x: str = "accuracy", y: str = "pointi
 
 
 def saliency_by_loss_figure(
-    images: np.ndarray, maps: dict, row_labels: list[str], method: str, scale: float, size: float = 1.6
+    images: np.ndarray, maps: dict, row_labels: list[str], *, method: str, scale: float, size: float = 1.6
 ):
     """Rows: the same val images (N x H x W x 3 in [0,1]); columns: the input, then its map under
     each loss (dict loss -> N x H x W in [0,1], all divided by one value `scale`), so brightness

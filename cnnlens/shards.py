@@ -41,14 +41,14 @@ FAULT_AROUND = 64 * 2**10
 class ShardWriter:
     """Appends images (and masks) of one split to shard files of at most `max_bytes` of images each."""
 
-    def __init__(self, folder: Path, split: str, side: int, max_bytes: int):
+    def __init__(self, folder: Path, split: str, *, side: int, max_bytes: int):
         self.folder, self.split, self.side = Path(folder), split, side
         self.per_shard = max(1, max_bytes // (3 * side * side))
         self.shards, self.labels, self.paths = [], [], []
         self.all_masks = True
         self.files = None
 
-    def add(self, image: np.ndarray, mask: np.ndarray | None, label: int, path: str) -> None:
+    def add(self, image: np.ndarray, *, mask: np.ndarray | None, label: int, path: str) -> None:
         if image.shape != (3, self.side, self.side) or image.dtype != np.uint8:
             raise ValueError(f"expected uint8 3x{self.side}x{self.side}, got {image.dtype} {image.shape}")
         if self.files is None or self.shards[-1]["images"] == self.per_shard:

@@ -68,7 +68,7 @@ def generate(counts: dict[str, dict[str, int]], size: int, seed: int) -> Iterato
     """Yield the samples in sample_keys order."""
     keys = sample_keys(counts)  # validated before the first sample is drawn
     for split, class_name, index in keys:
-        image, mask, box = render(sample_rng(seed, split, class_name, index), class_name, size)
+        image, mask, box = render(sample_rng(seed, (split, class_name, index)), class_name, size)
         yield Sample(split, class_name, index, image, mask, box)
 
 
@@ -76,7 +76,7 @@ def render_png(job: tuple[str, str, int, int, int]) -> tuple[bytes, bytes, tuple
     """(split, class, index, size, seed) -> the sample's image and mask as PNG bytes, and its box:
     what a worker process sends back (PNG at compress_level 1: a third of the default's time)."""
     split, class_name, index, size, seed = job
-    image, mask, box = render(sample_rng(seed, split, class_name, index), class_name, size)
+    image, mask, box = render(sample_rng(seed, (split, class_name, index)), class_name, size)
     files = []
     for picture in (image, Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)):
         buf = io.BytesIO()
@@ -85,8 +85,9 @@ def render_png(job: tuple[str, str, int, int, int]) -> tuple[bytes, bytes, tuple
     return files[0], files[1], tuple(int(v) for v in box)
 
 
-def sample_rng(seed: int, split: str, class_name: str, index: int) -> np.random.Generator:
-    """The RNG of one sample: independent of every other sample and of the counts."""
+def sample_rng(seed: int, key: tuple[str, str, int]) -> np.random.Generator:
+    """The RNG of one sample, key (split, class, index): independent of every other sample and of the counts."""
+    split, class_name, index = key
     return np.random.default_rng([seed, SPLITS.index(split), CLASSES.index(class_name), index])
 
 
@@ -109,9 +110,9 @@ def render(rng: np.random.Generator, class_name: str, size: int, *, draw_object:
     for _ in range(rng.integers(0, 4)):
         _shape(layer, rng, size)
     if rng.random() < 0.35:
-        _blob(layer, rng, size, _jitter(rng, (35, 28, 22), 15))
+        _blob(layer, rng, size, colour=_jitter(rng, (35, 28, 22), 15))
     if rng.random() < 0.35:
-        _blob(layer, rng, size, _jitter(rng, (235, 190, 40), 20))
+        _blob(layer, rng, size, colour=_jitter(rng, (235, 190, 40), 20))
     layer.composite_onto(image)
 
     # The insect: body length L; its centre is kept so that the whole insect (antennae and legs
@@ -149,7 +150,7 @@ class _Layer:
     centred on `centre`, rotated by `angle`; the default maps them to plain pixels.
     """
 
-    def __init__(self, size, centre=(0.0, 0.0), length=1.0, angle=0.0, mirror=False):
+    def __init__(self, size, *, centre=(0.0, 0.0), length=1.0, angle=0.0, mirror=False):
         self.size = size
         self.img = Image.new("RGBA", (size * SUPERSAMPLE, size * SUPERSAMPLE), (0, 0, 0, 0))
         self.draw = ImageDraw.Draw(self.img)
@@ -163,7 +164,8 @@ class _Layer:
         xy = np.asarray(xy, dtype=float).reshape(-1, 2)
         return [tuple(p) for p in (xy @ self.m.T + self.t)]
 
-    def ellipse(self, x, y, rx, ry, fill, rot=0.0, n=28):
+    def ellipse(self, centre, radii, fill, *, rot=0.0, n=28):
+        (x, y), (rx, ry) = centre, radii
         a = np.linspace(0, 2 * math.pi, n, endpoint=False)
         e = np.stack([rx * np.cos(a), ry * np.sin(a)], 1)
         c, s = math.cos(rot), math.sin(rot)
@@ -196,12 +198,12 @@ class _Layer:
         return mask
 
 
-def _jitter(rng, rgb, amount, alpha=255):
+def _jitter(rng, rgb, amount, *, alpha=255):
     d = rng.uniform(-amount, amount, 3)
     return tuple(min(255, max(0, int(v + e))) for v, e in zip(rgb, d)) + (alpha,)
 
 
-def _legs(layer, rng, roots, spread, reach, colour, width):
+def _legs(layer, rng, roots, *, spread, reach, colour, width):
     """Three pairs of two-segment legs from `roots` (x positions on the thorax)."""
     for x0, sweep in zip(roots, (0.6, 0.0, -0.6)):  # front legs reach forward, hind legs back
         for side in (-1, 1):
@@ -228,17 +230,25 @@ def _ant(o: _Layer, rng):
             c(),
             width,
         )
-    _legs(o, rng, (0.16, 0.1, 0.04), rng.uniform(0.14, 0.2), rng.uniform(0.3, 0.38), c(), width)
+    _legs(
+        o,
+        rng,
+        (0.16, 0.1, 0.04),
+        spread=rng.uniform(0.14, 0.2),
+        reach=rng.uniform(0.3, 0.38),
+        colour=c(),
+        width=width,
+    )
     s = rng.uniform(0.85, 1.15)  # gaster size varies between ants
-    o.ellipse(-0.27, 0, 0.19 * s, 0.125 * s, c())  # gaster
-    o.ellipse(-0.045, 0, 0.035, 0.03, c())  # petiole node
+    o.ellipse((-0.27, 0), (0.19 * s, 0.125 * s), c())  # gaster
+    o.ellipse((-0.045, 0), (0.035, 0.03), c())  # petiole node
     o.line([(-0.1, 0), (0.02, 0)], c(), 0.02)  # waist
-    o.ellipse(0.1, 0, 0.12, 0.058, c())  # thorax
-    o.ellipse(0.32, 0, 0.085, 0.075, c())  # head
+    o.ellipse((0.1, 0), (0.12, 0.058), c())  # thorax
+    o.ellipse((0.32, 0), (0.085, 0.075), c())  # head
     # Glossy highlights keep the body from being a flat silhouette.
     hl = tuple(min(255, v + 55) for v in base) + (255,)
-    o.ellipse(-0.23, 0.03 * s, 0.07 * s, 0.03 * s, hl)
-    o.ellipse(0.33, 0.02, 0.03, 0.02, hl)
+    o.ellipse((-0.23, 0.03 * s), (0.07 * s, 0.03 * s), hl)
+    o.ellipse((0.33, 0.02), (0.03, 0.02), hl)
 
 
 def _bee(o: _Layer, rng):
@@ -250,24 +260,26 @@ def _bee(o: _Layer, rng):
     vein = _jitter(rng, (120, 120, 130), 15)
     for side in (-1, 1):
         rot = side * rng.uniform(0.35, 0.7)
-        o.ellipse(0.02, side * 0.2, 0.22, 0.085, vein, rot=rot)
-        o.ellipse(0.02, side * 0.2, 0.2, 0.07, wing, rot=rot)
-    _legs(o, rng, (0.22, 0.17, 0.12), 0.16, rng.uniform(0.22, 0.28), black, width)
+        o.ellipse((0.02, side * 0.2), (0.22, 0.085), vein, rot=rot)
+        o.ellipse((0.02, side * 0.2), (0.2, 0.07), wing, rot=rot)
+    _legs(o, rng, (0.22, 0.17, 0.12), spread=0.16, reach=rng.uniform(0.22, 0.28), colour=black, width=width)
     for side in (-1, 1):
         o.line([(0.4, side * 0.03), (0.46, side * 0.08), (0.5, side * 0.06)], black, width)
     # Abdomen: a yellow oval cut by black bands, darker at the tail, with a small sting.
     ax, rx, ry = -0.12, 0.28, 0.2 * rng.uniform(0.9, 1.1)
     o.polygon([(ax - rx - 0.04, 0), (ax - rx + 0.02, 0.02), (ax - rx + 0.02, -0.02)], black)
-    o.ellipse(ax, 0, rx, ry, yellow)
+    o.ellipse((ax, 0), (rx, ry), yellow)
     for x in np.linspace(ax - rx * 0.75, ax + rx * 0.45, 3):
-        _band(o, ax, rx, ry, x - 0.04, x + 0.04, black)
-    _band(o, ax, rx, ry, ax - rx, ax - rx * 0.85, black)
-    o.ellipse(0.18, 0, 0.12, 0.125, _jitter(rng, (150, 110, 45), 20))  # fuzzy thorax
-    o.ellipse(0.34, 0, 0.075, 0.1, black)  # head
+        _band(o, (ax, rx, ry), (x - 0.04, x + 0.04), fill=black)
+    _band(o, (ax, rx, ry), (ax - rx, ax - rx * 0.85), fill=black)
+    o.ellipse((0.18, 0), (0.12, 0.125), _jitter(rng, (150, 110, 45), 20))  # fuzzy thorax
+    o.ellipse((0.34, 0), (0.075, 0.1), black)  # head
 
 
-def _band(o, ax, rx, ry, x0, x1, fill):
-    """The part of the ellipse centred (ax, 0) with radii rx, ry between x = x0 and x = x1."""
+def _band(o, oval, span, *, fill):
+    """The part of the ellipse oval = (ax, rx, ry), centred (ax, 0) with radii rx, ry, between x = x0 and
+    x = x1 of span = (x0, x1)."""
+    (ax, rx, ry), (x0, x1) = oval, span
     x = np.linspace(max(x0, ax - rx), min(x1, ax + rx), 8)
     y = ry * np.sqrt(np.clip(1 - ((x - ax) / rx) ** 2, 0, 1))
     o.polygon(np.concatenate([np.stack([x, y], 1), np.stack([x, -y], 1)[::-1]]), fill)
@@ -295,7 +307,7 @@ def _shape(layer, rng, size):
             [(x + r * math.cos(a + k * 2.1), y + r * math.sin(a + k * 2.1)) for k in range(3)], colour
         )
     elif kind == 2:
-        layer.ellipse(x, y, r, r, colour)
+        layer.ellipse((x, y), (r, r), colour)
     else:
         layer.line(
             [(x, y), (x + 2 * r * math.cos(a), y + 2 * r * math.sin(a))],
@@ -304,7 +316,7 @@ def _shape(layer, rng, size):
         )
 
 
-def _blob(layer, rng, size, colour):
+def _blob(layer, rng, size, *, colour):
     """An irregular lumpy blob (a stone, a seed, a flower centre): not an insect."""
     x, y = rng.uniform(0.1, 0.9, 2) * size
     r = rng.uniform(0.04, 0.1) * size
@@ -353,7 +365,7 @@ def _ground(rng, size: int) -> tuple[Image.Image, list]:
     return bg, strokes
 
 
-def _ground_details(draw, rng, size: int, strokes: list, px: float) -> None:
+def _ground_details(draw, rng, size: int, *, strokes: list, px: float) -> None:
     """Grass strokes, then leaves and pebbles, in the palette's stroke colours."""
     for _ in range(rng.integers(0, 60)):  # grass strokes, mostly upright
         x, y = rng.uniform(0, size, 2)
@@ -393,7 +405,7 @@ def _background(rng, size) -> Image.Image:
     bg, strokes = _ground(rng, size)
     draw = ImageDraw.Draw(bg)
     px = size / 256  # drawing sizes are given for a 256-pixel image
-    _ground_details(draw, rng, size, strokes, px)
+    _ground_details(draw, rng, size, strokes=strokes, px=px)
     if rng.random() < 0.3:
         _flowers(draw, rng, size)
     bg = bg.filter(ImageFilter.BoxBlur(rng.uniform(0.3, 1.5) * px))  # depth of field

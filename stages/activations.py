@@ -25,7 +25,7 @@ from cnnlens.tensors import load_split, select_images
 
 def main(argv=None):
     args, params = stage_args(
-        __doc__, ("--data", "--model", "--metrics", "--out"), argv, outs=("--out", "--metrics")
+        __doc__, ("--data", "--model", "--metrics", "--out"), argv=argv, outs=("--out", "--metrics")
     )
     ap = params.activations
     device = select_device(ap.device)

@@ -49,9 +49,9 @@ def split_what(argv: list[str] | None) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def get_data(p, out: Path) -> None:
+def get_data(params, out: Path) -> None:
     """data/raw from data.source (cnnlens/sources.py), with SOURCE.json."""
-    d = p.data
+    d = params.data
     write_imagefolder(
         out,
         d.source,
@@ -60,14 +60,14 @@ def get_data(p, out: Path) -> None:
         retries=d.retries,
         max_extract_mb=d.max_extract_mb,
         symlinks=d.symlinks,
-        seed=p.seed,
+        seed=params.seed,
         synthetic=dataclasses.asdict(d.synthetic),
     )
 
 
-def get_weights(p, out: Path) -> None:
+def get_weights(params, out: Path) -> None:
     """weights.pth (none for model.weights: none) and weights.json in `out`."""
-    arch, choice = p.model.arch, p.model.weights
+    arch, choice = params.model.arch, params.model.weights
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if choice == "none":
@@ -79,8 +79,8 @@ def get_weights(p, out: Path) -> None:
                 tmp / "weights.pth",
                 expected_size=size,
                 expected_sha256=sha,
-                timeout=p.data.timeout,
-                retries=p.data.retries,
+                timeout=params.data.timeout,
+                retries=params.data.retries,
                 desc=f"{arch} weights",
                 hint=WEIGHTS_HINT,
             )
@@ -104,11 +104,11 @@ def get_weights(p, out: Path) -> None:
 
 def main(argv=None):
     what, rest = split_what(argv)
-    args, p = stage_args(__doc__, ("--out",), rest, outs=("--out",))
+    args, params = stage_args(__doc__, ("--out",), argv=rest, outs=("--out",))
     if what == "data":
-        get_data(p, args.out)
+        get_data(params, args.out)
     else:
-        get_weights(p, args.out)
+        get_weights(params, args.out)
 
 
 if __name__ == "__main__":

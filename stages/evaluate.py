@@ -41,7 +41,7 @@ def write_plots(out, table, *, y_true, proba, ece_bins: int) -> None:
 
 def main(argv=None):
     args, params = stage_args(
-        __doc__, ("--data", "--model", "--metrics", "--plots"), argv, outs=("--plots", "--metrics")
+        __doc__, ("--data", "--model", "--metrics", "--plots"), argv=argv, outs=("--plots", "--metrics")
     )
     ep = params.evaluate
     device = select_device(ep.device)

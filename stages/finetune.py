@@ -69,7 +69,7 @@ def worker_args(args, outs) -> list[str]:
 def run_worker(argv) -> None:
     """A worker: join the process group, train its slices; rank 0 writes the outs the launcher named."""
     with distributed.reported_errors():
-        args, p = stage_args(__doc__, PATHS, argv)  # no locks: the launcher holds them
+        args, p = stage_args(__doc__, PATHS, argv=argv)  # no locks: the launcher holds them
         with distributed.World(select_device(p.train.device), p.train.backend) as world:
             check_cache_features(p.train)
             if p.train.threads == 0:  # torch's default: the cores shared among this machine's processes
@@ -123,7 +123,7 @@ def train_and_write(args, p, device, *, outs, world=None) -> None:
 def main(argv=None):
     if distributed.is_worker():  # one of several processes, started by launch() below
         return run_worker(argv)
-    args, p = stage_args(__doc__, PATHS, argv)
+    args, p = stage_args(__doc__, PATHS, argv=argv)
     tp = p.train
     device = select_device(tp.device)
     check_cache_features(tp)

@@ -25,7 +25,8 @@ def write_prepared(out: Path, results, classes: list[str], *, pp) -> tuple[list[
     copy); returns the manifest rows and the results that were skipped."""
     shards = out / "shards"
     shards.mkdir(parents=True)
-    writers = {s: ShardWriter(shards, s, pp.resize, pp.shard_mb * 2**20) for s in ("train", "val")}
+    limit = pp.shard_mb * 2**20
+    writers = {s: ShardWriter(shards, s, side=pp.resize, max_bytes=limit) for s in ("train", "val")}
     rows, bad = [], []
     for (split, cls, f), res, name in results:
         if res is None:
@@ -39,7 +40,7 @@ def write_prepared(out: Path, results, classes: list[str], *, pp) -> tuple[list[
         rows.append(
             {**record, "prepared": prepared, "split": split, "class": cls, "label": classes.index(cls)}
         )
-        writers[split].add(square, mask, classes.index(cls), record["path"])
+        writers[split].add(square, mask=mask, label=classes.index(cls), path=record["path"])
     write_index(shards, pp.resize, {s: w.close() for s, w in writers.items()})
     return rows, bad
 
@@ -95,8 +96,8 @@ def check_classes(splits, classes, raw, *, after="", val_from_train=None):
 
 
 def main(argv=None):
-    args, p = stage_args(__doc__, ("--raw", "--out", "--report"), argv, outs=("--out", "--report"))
-    pp = p.prepare
+    args, params = stage_args(__doc__, ("--raw", "--out", "--report"), argv=argv, outs=("--out", "--report"))
+    pp = params.prepare
     if not (args.raw / "train").is_dir():
         raise StageError(
             f"{args.raw}: no train/ folder; expected an ImageFolder tree {args.raw}/train/<class>/<image> "
@@ -105,8 +106,8 @@ def main(argv=None):
     splits = scan_imagefolder(args.raw)
     val_from_train = None if "val" in splits else pp.val_fraction
     if val_from_train is not None:
-        splits = stratified_split(splits["train"], pp.val_fraction, p.seed)
-        log(f"prepare: no val/ folder, split train by val_fraction={pp.val_fraction} (seed {p.seed})")
+        splits = stratified_split(splits["train"], pp.val_fraction, params.seed)
+        log(f"prepare: no val/ folder, split train by val_fraction={pp.val_fraction} (seed {params.seed})")
     classes = sorted(set(splits["train"]) | set(splits["val"]))
     check_classes(splits, classes, args.raw, val_from_train=val_from_train)
     # all or nothing, the report last: a failed stage never leaves fresh metrics beside stale outs
@@ -120,12 +121,8 @@ def main(argv=None):
             s: {c: sum(r["split"] == s and r["class"] == c for r in rows) for c in classes}
             for s in ("train", "val")
         }
-        check_classes(
-            {s: {c: [0] * n for c, n in cc.items()} for s, cc in counts.items()},
-            classes,
-            args.raw,
-            after="after skipping bad images",
-        )
+        left = {s: {c: [0] * n for c, n in cc.items()} for s, cc in counts.items()}
+        check_classes(left, classes, args.raw, after="after skipping bad images")
         # the headline only: per-class counts and every skipped file live beside the data
         report = {
             "classes": len(classes),

@@ -98,9 +98,8 @@ def write_outputs(out, model, shown, *, scores, params, meta: dict, weights_dir)
 
 
 def main(argv=None):
-    args, params = stage_args(
-        __doc__, ("--data", "--model", "--weights", "--metrics", "--out"), argv, outs=("--out", "--metrics")
-    )
+    paths = ("--data", "--model", "--weights", "--metrics", "--out")
+    args, params = stage_args(__doc__, paths, argv=argv, outs=("--out", "--metrics"))
     sp = params.saliency
     if not sp.methods:
         raise ParamsError(

@@ -83,10 +83,10 @@ def write_shards(folder, splits: dict, side: int, per_shard: int | None = None, 
     shard_bytes = PrepareParams().shard_mb * 2**20 if per_shard is None else per_shard * 3 * side * side
     entries = {}
     for name, s in splits.items():
-        w = ShardWriter(folder, name, side, shard_bytes)
+        w = ShardWriter(folder, name, side=side, max_bytes=shard_bytes)
         for i in range(len(s)):
             mask = s.masks[i].numpy() if masks and s.masks is not None else None
-            w.add(s.images[i].numpy(), mask, int(s.labels[i]), s.paths[i])
+            w.add(s.images[i].numpy(), mask=mask, label=int(s.labels[i]), path=s.paths[i])
         entries[name] = w.close()
     write_index(folder, side, entries)
 

@@ -141,3 +141,19 @@ def test_stage_entry_points_are_thin():
     sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "stages").glob("*.py")}
     long = {name: n for name, n in sizes.items() if n > 150}
     assert not long, f"stage files over 150 lines (move the work into cnnlens/): {long}"
+
+
+def test_functions_take_at_most_three_positional_parameters():
+    """torchvision's style: after the first few, arguments are keyword-only, so a call reads as it means."""
+    wide = []
+    for path in [*(ROOT / "stages").glob("*.py"), *(ROOT / "cnnlens").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                positional = [
+                    a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")
+                ]
+                if len(positional) > 3:
+                    wide.append(
+                        f"{path.relative_to(ROOT)}:{node.lineno} {node.name}({', '.join(positional)})"
+                    )
+    assert not wide, "more than three positional parameters (make the rest keyword-only): " + "; ".join(wide)

@@ -195,7 +195,7 @@ def test_comparison_table_markdown_and_figures():
 
     fig = tradeoff_figure(table, "gradient")
     assert len(fig.axes[0].lines) >= 2
-    fig = saliency_by_loss_figure(np.zeros((3, 8, 8, 3)), scaled, ["a", "b", "c"], "gradient", q)
+    fig = saliency_by_loss_figure(np.zeros((3, 8, 8, 3)), scaled, ["a", "b", "c"], method="gradient", scale=q)
     # the panels are composed into one image; a column title per loss above the first row
     assert len(fig.images) == 1
     assert {t.get_text() for t in fig.texts} >= set(scaled)

@@ -56,10 +56,10 @@ def test_shards_read_back_exactly_across_boundaries(tmp_path):
 
 def test_masks_are_kept_only_when_every_image_has_one(tmp_path):
     side = 4
-    w = ShardWriter(tmp_path, "val", side, 2 * 3 * side * side)
+    w = ShardWriter(tmp_path, "val", side=side, max_bytes=2 * 3 * side * side)
     for i in range(3):
         mask = np.ones((side, side), np.uint8) if i != 1 else None
-        w.add(np.full((3, side, side), i, np.uint8), mask, i % 2, f"val/a/{i}.png")
+        w.add(np.full((3, side, side), i, np.uint8), mask=mask, label=i % 2, path=f"val/a/{i}.png")
     entry = w.close()
     write_index(tmp_path, side, {"val": entry})
     assert not list(tmp_path.glob("*.mask.u8"))
