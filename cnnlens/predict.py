@@ -189,11 +189,12 @@ def read_meta(folder: Path, needs: str) -> dict:
 
 
 class OnnxBackend:
-    """export/model.onnx through onnxruntime: uint8 centre crops in, logits and probabilities out."""
+    """export/model.onnx through onnxruntime: uint8 centre crops in, logits and probabilities out.
+    `threads`: onnxruntime's intra-op threads (0: its default, one per core)."""
 
     name = "onnx"
 
-    def __init__(self, folder: Path, device: str):
+    def __init__(self, folder: Path, device: str, *, threads: int = 0):
         needs = "run `dvc repro export` (or `dvc pull export`), or point --model at the export stage's folder"
         self.meta = read_meta(folder, needs)
         try:
@@ -212,7 +213,11 @@ class OnnxBackend:
         if not path.is_file():
             raise UsageError(f"{path}: not found; {needs}")
         try:
-            self.session = ort.InferenceSession(str(path), providers=[*wanted, "CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
+            self.session = ort.InferenceSession(
+                str(path), options, providers=[*wanted, "CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own types for a corrupt or foreign file
             why = (str(exc).strip().splitlines() or [""])[0][:160]
             raise UsageError(

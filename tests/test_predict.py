@@ -329,3 +329,32 @@ def test_defaults_agree_with_prepare_and_the_console_script_exists():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, func = scripts["cnnlens-predict"].split(":")
     assert module == "cnnlens.predict" and callable(getattr(P, func))
+
+
+@needs_ort
+def test_the_benchmark_runs_dry(project, tmp_path):
+    """bench/bench_predict.py with tiny settings: every number is there and positive."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            ROOT / "bench/bench_predict.py",
+            "--images",
+            project / "data/raw/val/ants",
+            "--size",
+            "32",
+        ]
+        + ["--limit", "4", "--repeats", "1", "--latency-images", "3", "--startup-runs", "1", "--threads", "1"]
+        + ["--cache", tmp_path / "cache", "--out", out],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["images"] == 4 and result["size"] == 32 and result["max_abs_logit_difference"] <= 1e-4
+    for backend in ("torch", "onnx"):
+        r = result[backend]
+        assert min(r["model_images_per_s"], r["files_images_per_s"], r["first_prediction_s"]) > 0
+        assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p95"]
+    assert "torch eager" in proc.stdout and "onnxruntime" in proc.stdout
