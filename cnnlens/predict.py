@@ -440,7 +440,8 @@ def main(argv=None) -> None:
         sink.close()
     summary(done, sink.bad_files, ignored, backend, args.out)
     if not done:
-        raise StageError("no image was predicted" + (" (every file was skipped)" if sink.bad_files else ""))
+        why = "every file was skipped" if sink.bad_files else "no image file among the paths given"
+        raise StageError(f"no image was predicted: {why}")
 
 
 def summary(done: int, bad: list, ignored: int, backend, out) -> None:

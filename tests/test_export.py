@@ -12,9 +12,8 @@ from conftest import small_resnet
 from use_helpers import shared_tiny_project
 
 pytest.importorskip("onnxruntime", reason="onnxruntime cannot be imported here")
-pytest.importorskip("onnx", reason="onnx cannot be imported here")
 
-import onnx  # noqa: E402
+import onnx  # noqa: E402  (requirements.txt: the exporter needs it; no skip without it)
 
 from cnnlens.cli import run_main  # noqa: E402
 from cnnlens.errors import StageError  # noqa: E402

@@ -11,8 +11,9 @@ import pytest
 import yaml
 from dvc_helpers import dvc, dvc_env, git, scratch_tree, sh, write_tiny_params
 from test_use_docs import doc_blocks, my_photos, run_block
+from use_helpers import needs_ort
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, needs_ort]
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import ROOT
 from PIL import Image
-from use_helpers import shared_tiny_project
+from use_helpers import needs_ort, shared_tiny_project
 
 DOC = ROOT / "docs" / "use-the-model.md"
 KINDS = ("tiny", "author", "teammate")
@@ -57,6 +57,7 @@ def test_the_page_marks_blocks_of_known_kinds_only():
     assert len(marked) == DOC.read_text().count("<!-- run: "), "a run: comment not followed by a code block"
 
 
+@needs_ort  # the page's blocks use the ONNX model too
 def test_tiny_blocks_run(tmp_path_factory, tmp_path, one_thread):
     project = shared_tiny_project(tmp_path_factory)
     work = tmp_path / "work"
