@@ -313,6 +313,7 @@ class Sink:
         self.step()
 
     def bad(self, path: str, why: str) -> None:
+        why = " ".join(str(why).split())  # one line, whatever the decoder said
         self.bad_files.append({"path": str(path), "reason": why})
         self.say(f"skipped {path}: {why}", sys.stderr)
 
@@ -325,7 +326,7 @@ class Sink:
             self.bar.close()
         if self.files:
             self.files[1].write(
-                f'\n], "skipped": {json.dumps(self.bad_files)}, "predicted": {self.count}}}\n'
+                f'\n], "skipped": {json.dumps(self.bad_files)}, "n_predicted": {self.count}}}\n'
             )
 
 

@@ -52,7 +52,7 @@ def test_torch_backend_gives_evaluates_predictions_for_the_source_files(project,
     assert {"val/ants/exif_rotated.jpg", "val/ants/cmyk.jpg", "val/ants/alpha.png"} <= set(ours.path)
     # the JSON holds the same rows, the table on stdout one line per image after its header
     doc = json.loads((tmp_path / "out/predictions.json").read_text())
-    assert doc["classes"] == ["ants", "bees"] and doc["predicted"] == 21 and doc["skipped"] == []
+    assert doc["classes"] == ["ants", "bees"] and doc["n_predicted"] == 21 and doc["skipped"] == []
     assert [r["probabilities"]["bees"] for r in doc["predictions"]] == ours.p_bees.tolist()
     lines = proc.stdout.strip().splitlines()
     assert lines[0].split() == ["path", "predicted", "p_ants", "p_bees"] and len(lines) == 22
@@ -105,7 +105,7 @@ def test_bad_files_are_one_line_each_and_the_others_are_predicted(project, tmp_p
         assert sum(name in line and why in line for line in skipped) == 1, (name, proc.stderr)
     assert "Traceback" not in proc.stderr
     doc = json.loads((tmp_path / "out/predictions.json").read_text())
-    assert doc["predicted"] == 1 and len(doc["skipped"]) == len(bad)
+    assert doc["n_predicted"] == 1 and len(doc["skipped"]) == len(bad)
     assert len(pd.read_csv(tmp_path / "out/predictions.csv")) == 1
 
 
