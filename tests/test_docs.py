@@ -36,7 +36,7 @@ GENERATED = {"demo", "build", "data", "models", "metrics", "plots", "dvc_plots",
 # a dotted word ending in one of these is a file name (`model.pt`, `metrics.json`), not code
 FILE_SUFFIXES = {
     *"py sh md json csv tsv png jpg jpeg gif bmp webp tiff yaml yml toml txt ini lock".split(),
-    *"pt pth npz u8 html zip gz tar log dir cfg".split(),
+    *"pt pth npz u8 html zip gz tar log dir cfg onnx".split(),
 }
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+")
 DOTTED = re.compile(r"(?<![\w./-])[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")

@@ -1,4 +1,4 @@
-"""The layout's rules, checked: six stage entry points, a library that imports no stage, no stage that
+"""The layout's rules, checked: seven stage entry points, a library that imports no stage, no stage that
 imports another, dvc.yaml's code deps equal to what each stage really imports, one source of defaults
 and short functions."""
 
@@ -13,7 +13,7 @@ import yaml
 from cnnlens.config import Params, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("download", "prepare", "finetune", "evaluate", "saliency", "activations")
+STAGES = ("download", "prepare", "finetune", "evaluate", "saliency", "activations", "export")
 # dvc.yaml stage name -> its entry point module
 ENTRY = {
     "download_data": "download",
@@ -23,6 +23,7 @@ ENTRY = {
     "evaluate": "evaluate",
     "saliency": "saliency",
     "activations": "activations",
+    "export": "export",
 }
 MAX_FUNCTION_LINES = 50  # body lines, the docstring not counted
 
@@ -59,7 +60,7 @@ def dvc_stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def test_stages_folder_holds_the_six_entry_points_only():
+def test_stages_folder_holds_the_seven_entry_points_only():
     assert sorted(p.stem for p in (ROOT / "stages").glob("*.py")) == sorted((*STAGES, "__init__"))
 
 

@@ -33,7 +33,7 @@ from dvc_helpers import (
 )
 
 STAGES = dvc_yaml_stages()
-DOWNSTREAM_OF_MODEL = {"finetune", "evaluate", "saliency", "activations"}
+DOWNSTREAM_OF_MODEL = {"finetune", "evaluate", "saliency", "activations", "export"}
 
 
 @pytest.fixture(scope="session")
