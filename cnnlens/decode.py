@@ -16,9 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageFile, ImageOps
-from tqdm import tqdm
 
 from cnnlens.errors import StageError
 from cnnlens.files import sha256_file
@@ -215,6 +213,8 @@ def read_annotations(raw: Path) -> dict[str, Path]:
     csv = raw / "annotations.csv"
     if not csv.exists():
         return {}
+    import pandas as pd  # not at the top: predict's onnx backend imports this module with numpy and Pillow only
+
     table = pd.read_csv(csv)
     return {row.path: raw / row.mask for row in table.itertuples() if isinstance(row.mask, str)}
 
@@ -254,4 +254,6 @@ def decode_stream(
 
     workers = min(32, (os.cpu_count() or 1) + 4)
     results = bounded_map(work, jobs, workers=workers, depth=4 * workers)
+    from tqdm import tqdm  # as pandas above
+
     yield from tqdm(results, total=len(jobs), desc="prepare", unit="img", leave=False, disable=None)

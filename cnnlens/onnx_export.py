@@ -89,7 +89,7 @@ def compare_with_torch(
     worst = {"logits": 0.0, "probabilities": 0.0}
     for start in range(0, len(images), batch_size):
         squares = images[start : start + batch_size]
-        ref = predict_logits(model, squares, crop, torch.device("cpu"))
+        ref = predict_logits(model, squares, crop, device=torch.device("cpu"))
         logits, proba = session.run(
             list(OUTPUTS), {INPUT: np.ascontiguousarray(center_crop(squares, crop).numpy())}
         )

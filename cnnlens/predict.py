@@ -259,7 +259,9 @@ class TorchBackend:
 
         from cnnlens.model import predict_logits, probabilities
 
-        logits = predict_logits(self.model, torch.from_numpy(squares), self.meta["input_size"], self.device)
+        logits = predict_logits(
+            self.model, torch.from_numpy(squares), self.meta["input_size"], device=self.device
+        )
         return logits.numpy(), renormalised(probabilities(logits, self.meta["loss"]).double().numpy())
 
 
@@ -346,7 +348,7 @@ def predict_files(
         for (path, _), p in zip(batch, proba):
             sink.row(path, p)
         if explain is not None:
-            explain(squares, logits, proba, [path for path, _ in batch])
+            explain(squares, logits, proba=proba, paths=[path for path, _ in batch])
         batch.clear()
 
     for path, square, why in decoded(paths, backend.meta["resize"], max_pixels, depth=2 * batch_size):
@@ -439,13 +441,14 @@ def main(argv=None) -> None:
             backend, paths, sink, batch_size=args.batch_size, max_pixels=args.max_pixels, explain=explain
         )
         sink.close()
-    summary(done, sink.bad_files, ignored, backend, args.out)
+    log_counts(done, sink.bad_files, ignored=ignored, backend=backend, out=args.out)
     if not done:
         why = "every file was skipped" if sink.bad_files else "no image file among the paths given"
         raise StageError(f"no image was predicted: {why}")
 
 
-def summary(done: int, bad: list, ignored: int, backend, out) -> None:
+def log_counts(done: int, bad: list, *, ignored: int, backend, out) -> None:
+    """The closing line on stderr: how many predicted, skipped and passed over, and where they went."""
     parts = [f"predict: {done} image(s) predicted with the {backend.name} backend on {backend.device}"]
     if bad:
         parts.append(f"{len(bad)} skipped (listed above)")

@@ -2,8 +2,9 @@
 
 One figure per image and method (the input, |map| per channel, the combined map, the overlay; Grad-CAM: its
 map and the overlay), with the stage's colour map and scale (cnnlens.figures.saliency_figure,
-attribution.display_maps). The maps explain each image's predicted class (its largest logit), as in the
-stage. Imports torch: cnnlens.predict imports this module only for --explain, which needs the torch backend.
+figures.display_maps). The maps explain each image's predicted class (its largest logit), as in the stage,
+with the methods' default settings (attribution.SMOOTHGRAD_SIGMA, ...) and the default display scale.
+Imports torch: cnnlens.predict imports this module only for --explain, which needs the torch backend.
 """
 
 from __future__ import annotations
@@ -13,26 +14,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlens.attribution import METHODS, display_maps, explain, gradcam_grid
-from cnnlens.config import SaliencyParams
-from cnnlens.figures import chw_to_hwc, saliency_figure, save_figure, scale_label
+from cnnlens.attribution import METHODS, explain, pixel_note
+from cnnlens.figures import chw_to_hwc, display_maps, saliency_figure, save_figure, scale_label
 from cnnlens.tensors import denormalize, eval_inputs
 
-
-def method_settings(batch_size: int) -> SaliencyParams:
-    """The methods' settings (SmoothGrad's samples and noise, IG's steps, the display scale): the defaults
-    of params.yaml's saliency section (cnnlens.config.SaliencyParams, the one source of defaults), so a
-    figure here looks like the saliency stage's; `batch_size` images per pass."""
-    return SaliencyParams(batch_size=batch_size)
+# the display scale of params.yaml's saliency section by default (saliency.normalize, saliency.percentile)
+NORMALIZE, PERCENTILE = "minmax", 99.0
 
 
 def figure_writer(backend, methods: list[str], folder: Path, *, names: dict, seed: int, batch_size: int = 16):
     """A callback for predict.predict_files: (squares, logits, proba, paths) of a batch -> one figure per
     image and method, `folder`/<method>/<names[path]>.png."""
-    sp = method_settings(batch_size)
     classes, crop = backend.meta["classes"], backend.meta["input_size"]
 
-    def write(squares: np.ndarray, logits: np.ndarray, proba: np.ndarray, paths: list) -> None:
+    def write(squares: np.ndarray, logits: np.ndarray, *, proba: np.ndarray, paths: list) -> None:
         x = eval_inputs(torch.from_numpy(squares), crop).to(backend.device)
         target = torch.from_numpy(np.asarray(logits).argmax(1))
         images = [chw_to_hwc(im) for im in denormalize(x.cpu())]
@@ -41,7 +36,7 @@ def figure_writer(backend, methods: list[str], folder: Path, *, names: dict, see
             for i, (path, t) in enumerate(zip(paths, target))
         ]
         for name in methods:
-            maps = explain(name, backend.model, x, target, sp, seed)
+            maps = explain(name, backend.model, x, target=target, seed=seed, batch_size=batch_size)
             write_figures(
                 folder / name,
                 maps,
@@ -49,22 +44,11 @@ def figure_writer(backend, methods: list[str], folder: Path, *, names: dict, see
                 titles=titles,
                 stems=[names[p] for p in paths],
                 label=METHODS[name].label,
-                title=f"{METHODS[name].label} ({METHODS[name].describe(sp)})",
-                normalize=sp.normalize,
-                percentile=sp.percentile,
-                note=gradcam_note(name, backend.model, x),
+                title=f"{METHODS[name].label} ({METHODS[name].describe()})",
+                note=pixel_note(name, backend.model, x),
             )
 
     return write
-
-
-def gradcam_note(name: str, model, x) -> str:
-    """What one map pixel is: Grad-CAM's map is the hooked layer's coarse grid, upsampled."""
-    return (
-        "a {} x {} grid, upsampled".format(*gradcam_grid(model, x))
-        if name == "gradcam"
-        else "max over R, G, B"
-    )
 
 
 def write_figures(
@@ -76,12 +60,12 @@ def write_figures(
     stems: list[str],
     label: str,
     title: str,
-    normalize: str,
-    percentile: float,
     note: str,
+    normalize: str = NORMALIZE,
+    percentile: float = PERCENTILE,
 ) -> None:
     """One saliency figure per image, `folder`/<stem>.png, as the saliency stage's figures/<method>/<image>.png:
-    raw maps N x C x H x W scaled for display by attribution.display_maps(normalize, percentile)."""
+    raw maps N x C x H x W scaled for display by figures.display_maps(normalize, percentile)."""
     channels, combined = display_maps(maps, normalize, percentile)
     scale = scale_label(normalize, percentile)
     for i, stem in enumerate(stems):
@@ -89,9 +73,9 @@ def write_figures(
             images[i],
             channels[i].numpy(),
             combined[i].numpy(),
-            f"{title}\n{titles[i]}",
-            label,
-            scale,
+            title=f"{title}\n{titles[i]}",
+            method=label,
+            scale=scale,
             map_note=note,
         )
         save_figure(figure, folder / f"{stem}.png")

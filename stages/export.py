@@ -30,7 +30,7 @@ def versions() -> dict:
 
 def main(argv=None):
     args, _ = stage_args(
-        __doc__, ("--data", "--model", "--out", "--metrics"), argv, outs=("--out", "--metrics")
+        __doc__, ("--data", "--model", "--out", "--metrics"), argv=argv, outs=("--out", "--metrics")
     )
     began = time.perf_counter()
     model, meta = load_checkpoint(args.model)

@@ -58,7 +58,7 @@ def test_the_batch_axis_is_dynamic_and_matches_evaluate(project):
         [session.run(None, {"image": crops[i : i + 1]})[0] for i in range(len(crops))]
     )
     assert whole.shape == (21, 2) and np.abs(whole - one_by_one).max() <= 1e-5
-    ref = predict_logits(model, squares, 32, torch.device("cpu"))
+    ref = predict_logits(model, squares, 32, device=torch.device("cpu"))
     assert np.abs(whole - ref.numpy()).max() <= TOLERANCE
     assert np.abs(proba - probabilities(ref, meta["loss"]).numpy()).max() <= 1e-5
 
@@ -75,7 +75,7 @@ def test_the_graph_applies_the_losses_probability_rule(tmp_path, one_thread):
     assert diff["images"] == 3 and diff["max_abs_logit_difference"] <= TOLERANCE
     assert diff["max_abs_probability_difference"] <= 1e-5
     _, proba = onnx_session(path).run(None, {"image": x.numpy()})
-    softmax = torch.softmax(predict_logits(model, x, 16, torch.device("cpu")), 1)
+    softmax = torch.softmax(predict_logits(model, x, 16, device=torch.device("cpu")), 1)
     assert np.abs(proba - softmax.numpy()).max() > 1e-3  # not the softmax
 
 

@@ -155,13 +155,15 @@ def test_exit_codes(project, tmp_path):
 
 def test_explain_draws_the_saliency_stages_figure(project, tmp_path):
     """One figure per image and method, byte for byte the figure the saliency stage's code draws for the
-    same image, map and title (cnnlens.figures.saliency_figure with attribution.display_maps)."""
+    same image, map and title (cnnlens.figures.saliency_figure with figures.display_maps), at the saliency
+    section's default scale."""
     import torch
 
     from cnnlens.attribution import METHODS, explain
+    from cnnlens.config import SaliencyParams
     from cnnlens.figures import chw_to_hwc
     from cnnlens.model import load_checkpoint
-    from cnnlens.predict_explain import method_settings, write_figures
+    from cnnlens.predict_explain import NORMALIZE, PERCENTILE, write_figures
     from cnnlens.tensors import denormalize, eval_inputs
 
     images = sorted((project / "data/raw/val/bees").glob("*.png"))[:2]
@@ -177,8 +179,9 @@ def test_explain_draws_the_saliency_stages_figure(project, tmp_path):
     with torch.no_grad():
         logits = model(x)
     proba = torch.softmax(logits, 1)
-    sp = method_settings(16)
-    maps = explain("gradient", model, x, logits.argmax(1), sp, 0)
+    sp = SaliencyParams()
+    assert (NORMALIZE, PERCENTILE) == (sp.normalize, sp.percentile)  # the stage's default look
+    maps = explain("gradient", model, x, target=logits.argmax(1), seed=0, batch_size=16)
     titles = [
         f"{p}\npredicted {meta['classes'][int(c)]} (p={proba[i, c]:.2f})"
         for i, (p, c) in enumerate(zip(images, logits.argmax(1)))
@@ -190,9 +193,7 @@ def test_explain_draws_the_saliency_stages_figure(project, tmp_path):
         titles=titles,
         stems=[p.stem for p in images],
         label=METHODS["gradient"].label,
-        title=f"{METHODS['gradient'].label} ({METHODS['gradient'].describe(sp)})",
-        normalize=sp.normalize,
-        percentile=sp.percentile,
+        title=f"{METHODS['gradient'].label} ({METHODS['gradient'].describe()})",
         note="max over R, G, B",
     )
     for p in images:
