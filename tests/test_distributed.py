@@ -175,6 +175,7 @@ def test_two_streaming_ranks_read_only_their_rows_and_equal_one_process(data, tm
     every global batch (together: the train set once per epoch), and the result still equals one process."""
     splits = {name: load_split(str(data), name) for name in ("train", "val")}
     write_shards(tmp_path / "shards", splits, 20, 4, masks=False)
+    (tmp_path / "classes.json").write_bytes((data / "classes.json").read_bytes())
     streamed = {**SAME, "resident_mb": 0}
     start = tiny_net().state_dict()
     single, single_epochs = one_process(str(data), SAME)  # resident, in one process
