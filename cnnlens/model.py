@@ -182,9 +182,9 @@ def check_sha256(path: Path, expected: str, recorded_in: Path) -> None:
     if actual != expected:
         raise StageError(
             f"{path}: its SHA-256 {actual[:16]}... is not the {str(expected)[:16]}... that {recorded_in} "
-            "records: the file is damaged (e.g. a corrupted copy in the DVC cache or remote) or belongs to "
-            "another run; rerun `dvc repro finetune` (add --force if DVC says it did not change), or get a "
-            "good copy again with `dvc pull` (`dvc fetch`) from a remote that holds one"
+            "records: the file is damaged (e.g. a corrupted object in the DVC cache or remote) or belongs to "
+            "another run; rerun `dvc repro finetune` (with --force if DVC calls it unchanged), or restore a "
+            "good copy (`dvc checkout models`, or `dvc pull` / `dvc fetch` from a remote that holds one)"
         )
 
 
