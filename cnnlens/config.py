@@ -141,6 +141,9 @@ class TrainParams:
     rdzv_endpoint: str = param(
         "", doc="host:port of node 0's rendezvous (several nodes); empty: a free port here (one node)"
     )
+    rdzv_timeout: int = param(
+        300, min=1, doc="seconds a node waits for the others at rdzv_endpoint before it stops with an error"
+    )
     backend: str = param("auto", choices=("auto", "nccl", "gloo"), doc="auto: NCCL on CUDA, gloo on CPU")
     sync_batchnorm: bool = param(False, doc="several processes: BatchNorm statistics over the global batch")
     resident_mb: int | str = param(

@@ -1,12 +1,15 @@
 """Several training processes (DDP): the plan, the launch, and what each rank needs.
 
 The stage starts its workers with torchrun's own launcher (torch.distributed.launcher.api's
-elastic_launch, the engine behind `torchrun`); each worker runs the same stage command and knows it
-is a worker by the LOCAL_RANK/WORLD_SIZE variables the launcher sets. The semantics are those of one
-process: train.batch_size is the global batch, every rank draws the same permutation and the same
-augmentation boxes from the one seeded generator and keeps its contiguous slice of each global batch
-(`bounds`), DDP averages the gradients, and with train.sync_batchnorm BatchNorm normalises with the
-statistics of the whole global batch.
+elastic_launch, the engine behind `torchrun`), run in a child process of the stage: the launcher waits
+for the other nodes (up to train.rdzv_timeout) in torch's C++ code, which no Python signal handler
+interrupts, so the stage stops the child on SIGINT or SIGTERM instead. Each worker runs the same stage
+command and knows it is a worker by the LOCAL_RANK/WORLD_SIZE variables the launcher sets.
+
+The semantics are those of one process: train.batch_size is the global batch, every rank draws the
+same permutation and the same augmentation boxes from the one seeded generator and keeps its contiguous
+slice of each global batch (`bounds`), DDP averages the gradients, and with train.sync_batchnorm
+BatchNorm normalises with the statistics of the whole global batch.
 
 The launcher and DDP are imported inside the functions: one process (the default) never loads them,
 nor creates a process group.
@@ -19,10 +22,13 @@ import functools
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from cnnlens.devices import device_name
 from cnnlens.errors import ParamsError, StageError, disk_error_line
@@ -44,17 +50,29 @@ class Plan:
     nnodes: int
     node_rank: int  # this machine's index; node 0 hosts the rendezvous and writes the outputs
     rdzv_endpoint: str  # host:port of node 0; empty: a free port here (one node)
+    rdzv_timeout: int  # seconds a node waits for the others at rdzv_endpoint
 
     @property
     def size(self) -> int:
         return self.nproc_per_node * self.nnodes
 
     def describe(self) -> str:
-        return f"{self.size} processes ({self.nnodes} node(s) x {self.nproc_per_node}), node {self.node_rank}"
+        text = f"{self.size} processes ({self.nnodes} node(s) x {self.nproc_per_node}), node {self.node_rank}"
+        if self.nnodes > 1:
+            text += f"; waiting up to {self.rdzv_timeout} s (train.rdzv_timeout) for the nodes at {self.rdzv_endpoint}"
+        return text
 
 
 def plan(
-    device, *, nproc_per_node, nnodes: int, node_rank: int, rdzv_endpoint: str, backend: str, batch_size: int
+    device,
+    *,
+    nproc_per_node,
+    nnodes: int,
+    node_rank: int,
+    rdzv_endpoint: str,
+    rdzv_timeout: int,
+    backend: str,
+    batch_size: int,
 ) -> Plan:
     """The world size from the train params of these names (checked together, as the messages name
     them); a bad combination is a ParamsError (one line, exit code 2)."""
@@ -64,7 +82,7 @@ def plan(
     nproc = nproc_per_node
     if nproc == "auto":  # every visible GPU; on CPU (or MPS) one process
         nproc = max(gpus, 1)
-    world = Plan(nproc, nnodes, node_rank, rdzv_endpoint)
+    world = Plan(nproc, nnodes, node_rank, rdzv_endpoint, rdzv_timeout)
     if node_rank >= nnodes:
         raise ParamsError(f"train.node_rank = {node_rank} must be below train.nnodes = {nnodes}")
     if nnodes > 1 and not rdzv_endpoint:
@@ -98,18 +116,131 @@ def is_worker() -> bool:
 
 def launch(world: Plan, args: list[str]) -> None:
     """Run `python args...` as nproc_per_node workers here (and join the other nodes) with torchrun's
-    elastic launcher; a failed rank becomes WorkerFailed with its message and exit code."""
+    elastic launcher, in a child process (run_launcher): the launcher waits for the other nodes inside
+    torch's C++ code, where no Python signal handler runs, so a SIGINT or SIGTERM to the stage stops the
+    child instead (stop_launcher), within seconds. A failed rank becomes WorkerFailed with its message
+    and exit code; ranks that cannot meet within train.rdzv_timeout, one StageError line."""
+    read, write = os.pipe()
+    try:
+        child = start_launcher(world, args, write)
+    except BaseException:
+        os.close(read)
+        raise
+    finally:
+        os.close(write)
+    try:
+        code = child.wait()
+    except BaseException:  # KeyboardInterrupt: Ctrl-C, or SIGTERM through cli.run_main
+        stop_launcher(child)
+        raise
+    finally:
+        outcome = read_outcome(read)
+    raise_outcome(outcome, code)
+
+
+def start_launcher(world: Plan, args: list[str], fd: int) -> subprocess.Popen:
+    """`python -c ... SPEC` running run_launcher in a session of its own (a Ctrl-C in the terminal
+    reaches the stage alone, which stops it); it writes its outcome to the pipe end `fd`."""
+    root = str(Path(__file__).resolve().parents[1])  # this cnnlens, whatever the working folder
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), root]))}
+    env["TORCH_CPP_LOG_LEVEL"] = "FATAL"  # its C++ log repeats each connect retry; the workers keep ours
+    spec = {
+        "world": asdict(world),
+        "args": args,
+        "fd": fd,
+        "log_level": os.environ.get("TORCH_CPP_LOG_LEVEL"),
+    }
+    command = [sys.executable, "-c", "from cnnlens.distributed import run_launcher; run_launcher()"]
+    return subprocess.Popen([*command, json.dumps(spec)], env=env, pass_fds=(fd,), start_new_session=True)
+
+
+LAUNCHER_GRACE = 5.0  # seconds the launcher gets to stop its workers after SIGTERM, before SIGKILL
+
+
+def stop_launcher(child: subprocess.Popen) -> None:
+    """SIGTERM to the launcher: while it waits for the other nodes it dies at once (no handler yet);
+    once its workers run, torch's handler stops them. After LAUNCHER_GRACE seconds, SIGKILL to its
+    process group; its workers (sessions of their own) then get SIGTERM as their parent dies
+    (cli.die_with_parent)."""
+    with contextlib.suppress(ProcessLookupError):
+        child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(LAUNCHER_GRACE)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def read_outcome(fd: int) -> dict:
+    """What the launcher child wrote to the pipe `fd` before it ended ({} if nothing); closes `fd`."""
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    except BlockingIOError:  # a process still holds the write end: take what is there
+        pass
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(data) if data else {}
+    except ValueError:
+        return {}
+
+
+def raise_outcome(outcome: dict, code: int) -> None:
+    """The launcher child's outcome as launch() reports it: nothing, WorkerFailed, StageError or
+    KeyboardInterrupt."""
+    if outcome.get("ok"):
+        return
+    if outcome.get("interrupted"):
+        raise KeyboardInterrupt
+    if "rank_failed" in outcome:
+        raise WorkerFailed(outcome["rank_failed"], int(outcome.get("exit_code", 1)))
+    if "message" in outcome:
+        raise StageError(outcome["message"])
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    raise StageError(
+        f"the training launcher (a child process of this stage) {how} without reporting why; "
+        "see the lines above and rerun"
+    )
+
+
+def run_launcher() -> None:
+    """The launcher child of launch(): `python -c ... SPEC` runs torchrun's elastic launcher and
+    writes its outcome as JSON to the pipe SPEC names."""
+    spec = json.loads(sys.argv[1])
+    for sig in (signal.SIGINT, signal.SIGTERM):  # die at once while waiting in torch's C++ code;
+        signal.signal(sig, signal.SIG_DFL)  # torch installs its own handlers when it starts the workers
+    from cnnlens.cli import die_with_parent
+
+    die_with_parent()
+    import torch  # noqa: F401  (it reads TORCH_CPP_LOG_LEVEL now; the workers get the stage's setting)
+
+    os.environ.pop("TORCH_CPP_LOG_LEVEL")
+    if spec["log_level"] is not None:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = spec["log_level"]
+    outcome = elastic_run(Plan(**spec["world"]), spec["args"])
+    with contextlib.suppress(OSError), os.fdopen(spec["fd"], "w") as fh:  # the stage may be gone
+        json.dump(outcome, fh)
+
+
+def elastic_run(world: Plan, args: list[str]) -> dict:
+    """Run the workers with torchrun's elastic launcher here; the outcome as a JSON-able dict."""
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    timeout = world.rdzv_timeout
     if world.nnodes == 1 and not world.rdzv_endpoint:  # as `torchrun --standalone`: a free local port
-        backend, endpoint, run_id, configs = "c10d", "127.0.0.1:0", str(uuid.uuid4()), {}
+        backend, endpoint, run_id = "c10d", "127.0.0.1:0", str(uuid.uuid4())
+        configs = {"join_timeout": timeout, "timeout": timeout}
     else:  # as torchrun's default: node 0 hosts the store, every node states its rank
         backend, endpoint, run_id = "static", world.rdzv_endpoint, "cnnlens"
-        configs = {"rank": world.node_rank}
+        configs = {"rank": world.node_rank, "timeout": timeout}  # the static backend's only timeout
     config = LaunchConfig(
         min_nodes=world.nnodes,
         max_nodes=world.nnodes,
@@ -128,14 +259,23 @@ def launch(world: Plan, args: list[str]) -> None:
     except ChildFailedError as exc:
         rank, failure = cause(exc.failures)
         code = failure.exitcode if failure.exitcode > 0 else 1
-        raise WorkerFailed(f"rank {rank} of {world.size} failed: {failure.message}", code) from None
+        return {"rank_failed": f"rank {rank} of {world.size} failed: {failure.message}", "exit_code": code}
     except SignalException:
-        raise KeyboardInterrupt from None  # the launcher stopped its workers; run_main says "interrupted"
+        return {"interrupted": True}  # the launcher stopped its workers; run_main says "interrupted"
     except (RendezvousError, DistError) as exc:  # e.g. node 0 unreachable, or not started in time
-        raise StageError(
-            f"the ranks could not meet at {endpoint} ({type(exc).__name__}: {exc}); check that "
-            "train.rdzv_endpoint is node 0's address, reachable from every node, and that all train.nnodes started"
-        ) from None
+        return {"message": not_met(world, endpoint, exc)}
+    return {"ok": True}
+
+
+def not_met(world: Plan, endpoint: str, exc: BaseException) -> str:
+    """The line for ranks that could not meet: where, how long this node waited, why, what to check."""
+    why = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (
+        f"node {world.node_rank} of {world.nnodes} could not meet the other nodes at {endpoint} within "
+        f"train.rdzv_timeout = {world.rdzv_timeout} s ({type(exc).__name__}: {why}); check that "
+        f"train.rdzv_endpoint is node 0's address, reachable from every node, that all {world.nnodes} nodes "
+        "(train.nnodes) were started with the same params, or raise train.rdzv_timeout"
+    )
 
 
 def cause(failures: dict):

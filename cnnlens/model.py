@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnlens.errors import StageError
-from cnnlens.files import atomic_path, load_torch, read_json, save_torch
+from cnnlens.files import atomic_path, load_torch, read_json, save_torch, sha256_file
 from cnnlens.losses import LOSSES
 from cnnlens.tensors import MEAN, STD, eval_inputs
 from cnnlens.weights import backbone_state, describe_mismatch, head_name
@@ -27,6 +27,11 @@ ARCHS = {
     "mobilenet_v3_small": "MobileNetV3-Small, for small devices (2.5 M parameters)",
     "efficientnet_b0": "EfficientNet-B0 (5.3 M parameters)",
 }
+
+
+# models/model.json: the keys the stages read, and the SHA-256 of the model.pt it describes
+CHECKPOINT_KEYS = ("arch", "classes", "input_size", "loss")
+SHA_KEY = "model_sha256"
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -83,11 +88,13 @@ def initial_model(arch: str, num_classes: int, weights_dir: str | Path) -> tuple
 
 
 def save_checkpoint(models_dir: str | Path, model: nn.Module, meta: dict) -> None:
-    """models/model.pt (state_dict only) + models/model.json, written together atomically."""
+    """models/model.pt (state_dict only) + models/model.json, written together atomically; model.json
+    is `meta` plus the SHA-256 of the model.pt it describes (SHA_KEY), which load_checkpoint checks."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(models_dir) as tmp:
         tmp.mkdir()
         save_torch(state, tmp / "model.pt")
+        meta = {**meta, SHA_KEY: sha256_file(tmp / "model.pt")}
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -128,8 +135,12 @@ def checkpoint_meta(
 
 
 def load_checkpoint(models_dir: str | Path) -> tuple[nn.Module, dict]:
-    meta = read_json(Path(models_dir) / "model.json")
+    """The network of models_dir/model.pt in eval mode, and model.json as save_checkpoint was given it.
+    model.pt must have the SHA-256 model.json records (a damaged or swapped file is one StageError
+    line, never a model with other numbers), and fit the architecture and classes model.json names."""
+    meta = checkpoint_info(models_dir)
     path = Path(models_dir) / "model.pt"
+    check_sha256(path, meta.pop(SHA_KEY), Path(models_dir) / "model.json")
     state = load_torch(path, what="model checkpoint")
     model = build_model(meta["arch"], len(meta["classes"]))
     problems = describe_mismatch(model.state_dict(), state)
@@ -140,6 +151,41 @@ def load_checkpoint(models_dir: str | Path) -> tuple[nn.Module, dict]:
         )
     model.load_state_dict(state)
     return model.eval(), meta
+
+
+def checkpoint_info(models_dir: str | Path) -> dict:
+    """models_dir/model.json, checked: the keys the stages read and the SHA-256 of model.pt. A
+    model.json without that hash (written before checkpoints carried one) is refused: its model.pt
+    cannot be checked, and rerunning finetune writes both anew."""
+    path = Path(models_dir) / "model.json"
+    meta = read_json(path)
+    missing = [key for key in (*CHECKPOINT_KEYS, SHA_KEY) if not isinstance(meta, dict) or key not in meta]
+    if SHA_KEY in missing and len(missing) == 1:
+        raise StageError(
+            f"{path}: no {SHA_KEY} (an older checkpoint, written before model.json recorded the SHA-256 "
+            f"of model.pt), so {Path(models_dir) / 'model.pt'} cannot be checked; rerun `dvc repro finetune`"
+        )
+    if missing:
+        raise StageError(
+            f"{path}: not a checkpoint description (no {', '.join(missing)}); rerun `dvc repro finetune`"
+        )
+    return meta
+
+
+def check_sha256(path: Path, expected: str, recorded_in: Path) -> None:
+    """A StageError unless the file at `path` has the SHA-256 `expected` (hex), as `recorded_in` says."""
+    if not path.exists():
+        raise StageError(
+            f"{path}: model checkpoint not found; run the stage that writes it first (dvc repro)"
+        )
+    actual = sha256_file(path)
+    if actual != expected:
+        raise StageError(
+            f"{path}: its SHA-256 {actual[:16]}... is not the {str(expected)[:16]}... that {recorded_in} "
+            "records: the file is damaged (e.g. a corrupted object in the DVC cache or remote) or belongs to "
+            "another run; rerun `dvc repro finetune` (with --force if DVC calls it unchanged), or restore a "
+            "good copy (`dvc checkout models`, or `dvc pull` / `dvc fetch` from a remote that holds one)"
+        )
 
 
 def autocast(device: torch.device, amp: bool):

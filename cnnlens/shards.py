@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -127,34 +128,96 @@ def _map(path: Path, rows: int, row_shape: tuple[int, ...]) -> tuple[torch.Tenso
 
 
 def open_split(folder: Path, split: str):
-    """(images, labels, paths, masks or None) of one split; images and masks are ShardedTensors."""
+    """(images, labels, paths, masks or None) of one split; images and masks are ShardedTensors.
+    The index entry is checked first (split_entry): a bad one is one StageError line."""
     folder = Path(folder)
     index = read_index(folder)
     side = int(index["side"])
-    entry = index["splits"].get(split)
-    try:
-        shards, labels, paths = entry["shards"], entry["labels"], entry["paths"]
-        counts = [int(s["images"]) for s in shards]
-        has_masks = bool(shards) and all(s["masks"] for s in shards)
-        files = [(s["file"], s["masks"]) for s in shards]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StageError(
-            f"{folder / INDEX}: no valid entry for split {split!r} ({type(exc).__name__}: {exc}); "
-            "rerun `dvc repro prepare`"
-        ) from None
-    if not (len(labels) == len(paths) == sum(counts) == int(entry.get("images", -1))):
-        raise StageError(
-            f"{folder / INDEX}: split {split!r} lists {sum(counts)} images in shards, {len(labels)} labels "
-            f"and {len(paths)} paths; rerun `dvc repro prepare`"
-        )
-    images = [_map(folder / f, n, (3, side, side)) for (f, _), n in zip(files, counts)]
-    masks = [_map(folder / m, n, (side, side)) for (_, m), n in zip(files, counts)] if has_masks else None
+    files, counts, labels, paths = split_entry(folder, index, split)
+    has_masks = bool(files) and all(m is not None for _, m in files)
+    images = [_map(f, n, (3, side, side)) for (f, _), n in zip(files, counts)]
+    masks = [_map(m, n, (side, side)) for (_, m), n in zip(files, counts)] if has_masks else None
     return (
         ShardedTensor(images, (3, side, side)),
         torch.tensor(labels, dtype=torch.int64),
         list(paths),
         None if masks is None else ShardedTensor(masks, (side, side)),
     )
+
+
+def split_entry(folder: Path, index: dict, split: str):
+    """([(shard path, mask path or None)], image counts, labels, paths) of one split of `index`,
+    checked: every count a whole number, every label an integer, every path a string, the counts in
+    agreement, and every file name confined to `folder` (shard_path)."""
+    where = f"{folder / INDEX}: split {split!r}"
+    entry = index["splits"].get(split)
+    try:
+        shards, labels, paths = entry["shards"], entry["labels"], entry["paths"]
+        if not all(isinstance(x, list) for x in (shards, labels, paths)):
+            raise TypeError("shards, labels and paths must be lists")
+        counts = [s["images"] for s in shards]
+        names = [(s["file"], s["masks"]) for s in shards]
+    except (KeyError, TypeError) as exc:
+        raise StageError(
+            f"{folder / INDEX}: no valid entry for split {split!r} ({type(exc).__name__}: {exc}); "
+            "rerun `dvc repro prepare`"
+        ) from None
+    problem = _entry_problem(counts, labels, paths, entry.get("images"))
+    if problem:
+        raise StageError(f"{where}: {problem}; rerun `dvc repro prepare`")
+    files = [
+        (shard_path(folder, f, where), None if m is None else shard_path(folder, m, where)) for f, m in names
+    ]
+    return files, counts, labels, paths
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_problem(counts: list, labels: list, paths: list, total) -> str | None:
+    """What is wrong with a split entry's numbers, or None."""
+    for i, n in enumerate(counts):
+        if not _whole(n) or n < 0:
+            return f"shard {i} has images = {n!r}, not a count of images"
+    for i, label in enumerate(labels):
+        if not _whole(label):
+            return f"label {label!r} of image {i} is not a class index (an integer)"
+    for i, path in enumerate(paths):
+        if not isinstance(path, str):
+            return f"path {path!r} of image {i} is not a string"
+    if not (len(labels) == len(paths) == sum(counts) == total):
+        return (
+            f"lists {sum(counts)} images in shards, {len(labels)} labels and {len(paths)} paths, "
+            f"and says images = {total!r}"
+        )
+    return None
+
+
+def shard_path(folder: Path, name, where: str) -> Path:
+    """`folder / name` for a file the index names: a plain file name (not absolute, no path separator,
+    no `..`) of a file inside `folder`. A link there is followed only into `folder` or to a DVC cache
+    object (DVC's cache.type symlink checks every file out as such a link). Else a StageError."""
+    plain = isinstance(name, str) and name not in ("", ".") and not os.path.isabs(name)
+    if not plain or "/" in name or "\\" in name or ".." in name:
+        raise StageError(
+            f"{where} names the file {name!r}, which is not a file name inside the shards folder "
+            f"{folder}; rerun `dvc repro prepare`"
+        )
+    path = folder / name
+    target = path.resolve()
+    if target.parent != folder.resolve() and not _dvc_cache_object(target):
+        raise StageError(
+            f"{where}: {path} links to {target}, outside the shards folder {folder}; "
+            "replace the link by the file or rerun `dvc repro prepare`"
+        )
+    return path
+
+
+def _dvc_cache_object(path: Path) -> bool:
+    """Whether `path` is named as a DVC cache object is: <cache>/files/md5/<2 hex>/<30 hex> (DVC 3)
+    or <cache>/<2 hex>/<30 hex> (DVC 2)."""
+    return bool(re.fullmatch("[0-9a-f]{2}", path.parent.name) and re.fullmatch("[0-9a-f]{30}", path.name))
 
 
 def mapped_bytes(rows: torch.Tensor, row_bytes: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlens.errors import StageError
-from cnnlens.shards import ShardedTensor, open_split
+from cnnlens.shards import INDEX, ShardedTensor, open_split
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, as in the tutorial
 STD = (0.229, 0.224, 0.225)
@@ -42,17 +43,46 @@ class Split:
         )
 
 
-def load_split(prepared: str | Path, split: str) -> Split:
+def load_split(prepared: str | Path, split: str, *, allow_empty: bool = False) -> Split:
     """The split as the prepare stage wrote it: memory-mapped shards (shards/index.json), read only
-    where indexed."""
-    return Split(*open_split(Path(prepared) / "shards", split))
+    where indexed. Checked against classes.json beside them: every label names one of its classes;
+    and the split holds images unless `allow_empty`. A failed check is one StageError line."""
+    prepared = Path(prepared)
+    images, labels, paths, masks = open_split(prepared / "shards", split)
+    index = prepared / "shards" / INDEX
+    if len(labels) == 0 and not allow_empty:
+        raise StageError(
+            f"{index}: the {split} split holds no images; every stage after prepare needs train and val "
+            f"images: rerun `dvc repro prepare` (and check that its data source has {split} images)"
+        )
+    classes = load_classes(prepared)
+    outside = ((labels < 0) | (labels >= len(classes))).nonzero()
+    if len(outside):
+        i = int(outside[0, 0])
+        raise StageError(
+            f"{index}: label {int(labels[i])} of {split} image {i} ({paths[i]}) is outside the "
+            f"{len(classes)} classes in {prepared / 'classes.json'}; rerun `dvc repro prepare`"
+        )
+    return Split(images, labels, paths, masks)
 
 
 def load_classes(prepared: str | Path) -> list[str]:
+    """classes.json: the class names in label order, checked: a JSON list of at least 2 distinct,
+    non-empty strings, else one StageError line."""
     path = Path(prepared) / "classes.json"
     if not path.exists():
         raise StageError(f"{path}: not found; run `dvc repro prepare` first")
-    return json.loads(path.read_text())
+    try:
+        classes = json.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise StageError(f"{path}: not valid JSON ({exc}); rerun `dvc repro prepare`") from None
+    names = classes if isinstance(classes, list) else []
+    if len(names) < 2 or not all(isinstance(c, str) and c for c in names) or len(set(names)) < len(names):
+        raise StageError(
+            f"{path}: expected a JSON list of at least 2 distinct class names, got {reprlib.repr(classes)}; "
+            "rerun `dvc repro prepare`"
+        )
+    return classes
 
 
 def select_images(split: Split, paths: list[str], count: int) -> Split:

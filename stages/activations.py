@@ -15,7 +15,6 @@ sparsity over the layers and the dead channels of all layers.
 from cnnlens.cli import log, run_main
 from cnnlens.config import stage_args
 from cnnlens.devices import select_device
-from cnnlens.errors import StageError
 from cnnlens.figures import COMPACT_MAPS, write_activation_grids, write_layer_figures, write_layer_statistics
 from cnnlens.files import atomic_outputs, write_json
 from cnnlens.hooks import headline_statistics, image_activations, resolve_layers, split_statistics
@@ -33,12 +32,7 @@ def main(argv=None):
     model.to(device)
     crop = meta["input_size"]
     modules = resolve_layers(model, ap.layers, crop)
-    val = load_split(args.data, "val")
-    if len(val) == 0:
-        raise StageError(
-            f"{args.data}: the prepared val split (shards/index.json) holds no images; nothing to show "
-            "(check the prepare stage)"
-        )
+    val = load_split(args.data, "val")  # an empty one is an error
     chosen = select_images(val, list(dict.fromkeys(ap.images)), ap.num_images)
     with atomic_outputs(args.out, args.metrics) as (out, metrics):  # together, the metrics last
         out.mkdir()

@@ -40,6 +40,7 @@ def plan_world(tp, device) -> distributed.Plan:
         nnodes=tp.nnodes,
         node_rank=tp.node_rank,
         rdzv_endpoint=tp.rdzv_endpoint,
+        rdzv_timeout=tp.rdzv_timeout,
         backend=tp.backend,
         batch_size=tp.batch_size,
     )

@@ -399,5 +399,6 @@ def test_an_empty_val_split_names_the_shards(project, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_main(stage.main, argv)
     err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and "shards/index.json) holds no images" in err and "val.pt" not in err
+    assert exit_info.value.code == 1 and "val.pt" not in err
+    assert "shards/index.json: the val split holds no images" in err, err
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()

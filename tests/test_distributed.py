@@ -175,6 +175,7 @@ def test_two_streaming_ranks_read_only_their_rows_and_equal_one_process(data, tm
     every global batch (together: the train set once per epoch), and the result still equals one process."""
     splits = {name: load_split(str(data), name) for name in ("train", "val")}
     write_shards(tmp_path / "shards", splits, 20, 4, masks=False)
+    (tmp_path / "classes.json").write_bytes((data / "classes.json").read_bytes())
     streamed = {**SAME, "resident_mb": 0}
     start = tiny_net().state_dict()
     single, single_epochs = one_process(str(data), SAME)  # resident, in one process
@@ -319,7 +320,10 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
-def test_killing_the_stage_leaves_no_workers(tmp_path, stage):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killing_the_stage_leaves_no_workers(tmp_path, stage, sig):
+    """SIGKILL: the launcher and then the workers get SIGTERM as their parent dies. SIGTERM: the stage
+    stops its launcher, which stops the workers, and says "interrupted"."""
     pids = tmp_path / "pids"
     pids.mkdir()
     cmd = stage("killed", nproc_per_node=2, batch_size=8)
@@ -332,12 +336,16 @@ def test_killing_the_stage_leaves_no_workers(tmp_path, stage):
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
             time.sleep(0.2)
         workers = [int(p.read_text()) for p in pids.iterdir()]
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
         proc.wait(timeout=30)
         deadline = time.time() + 30
         while any(alive(w) for w in workers) and time.time() < deadline:
             time.sleep(0.2)
         assert not any(alive(w) for w in workers), "workers outlived the killed stage"
+        if sig == signal.SIGTERM:
+            err = proc.stderr.read().decode()
+            assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-3000:]
+            assert no_outputs(tmp_path / "killed") == []  # no temporaries, no locks
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -364,6 +372,69 @@ def test_two_nodes_on_one_machine_complete_an_epoch(tmp_path, stage):
     assert metrics["last_epoch"]["epoch"] == 1
     assert (tmp_path / "node0" / "models" / "model.pt").is_file()
     assert no_outputs(tmp_path / "node1") == []  # only node 0 writes
+
+
+def test_rdzv_timeout_is_a_positive_number_of_seconds():
+    assert TrainParams().rdzv_timeout == 300
+    assert parse_params({"train": {"rdzv_timeout": 3}}).train.rdzv_timeout == 3
+    for bad in (0, -5, "soon", 2.5, None):
+        with pytest.raises(ParamsError, match="train.rdzv_timeout"):
+            parse_params({"train": {"rdzv_timeout": bad}})
+
+
+def lonely_node(stage, name: str, **train) -> tuple[list[str], str]:
+    """Node 1 of 2, with nobody at its endpoint (a free port on 127.0.0.1): the stage command, the endpoint."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    return stage(name, nnodes=2, node_rank=1, rdzv_endpoint=endpoint, batch_size=8, **train), endpoint
+
+
+def test_a_node_nobody_meets_stops_after_rdzv_timeout(tmp_path, stage):
+    """Before: no train.rdzv_timeout; torch's default wait of 900 s, twice, silent."""
+    cmd, endpoint = lonely_node(stage, "lonely", rdzv_timeout=3)
+    began = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - began
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and "waiting up to 3 s (train.rdzv_timeout)" in lines[0], proc.stderr[-3000:]
+    assert lines[1].startswith("error: node 1 of 2 could not meet the other nodes at " + endpoint), lines
+    assert "within train.rdzv_timeout = 3 s" in lines[1], lines
+    # two interpreter starts (the stage, its launcher) and the 3 s wait, on a busy two-core machine
+    assert took < 3 + 30, took
+    assert no_outputs(tmp_path / "lonely") == []
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_waiting_node_stops_within_seconds_on_a_signal(tmp_path, stage, sig):
+    """Before: the wait ran in torch's C++ code in the stage's own process, where no Python signal
+    handler runs: SIGINT, then SIGTERM took effect only when the wait ended (~14.5 minutes)."""
+    cmd, _ = lonely_node(stage, "waiting")  # the default train.rdzv_timeout: minutes
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=stage_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()  # printed just before the launch
+        assert first.startswith("finetune: 2 processes"), first
+        time.sleep(2)
+        launcher = children(proc.pid)
+        proc.send_signal(sig)
+        began = time.monotonic()
+        proc.wait(timeout=10)
+        assert time.monotonic() - began < 10
+        rest = proc.stderr.read().strip().splitlines()
+        assert proc.returncode == 130 and rest == ["interrupted"], (proc.returncode, rest)
+        deadline = time.monotonic() + 10
+        while any(alive(c) for c in launcher) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert launcher and not any(alive(c) for c in launcher), "the launcher outlived the stage"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert no_outputs(tmp_path / "waiting") == []
 
 
 def test_dvc_repro_runs_finetune_with_two_processes(tmp_path_factory, tmp_path):

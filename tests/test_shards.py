@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_TRAIN, loop_options, make_weights_dir, run_stage, write_params, write_shards
+from conftest import TINY_TRAIN, loop_options, make_weights_dir, run_stage, write_params
+from conftest import write_shards as write_shards_only
 from PIL import Image
 
 from cnnlens import shards
@@ -19,6 +20,13 @@ from cnnlens.model import build_model
 from cnnlens.shards import ShardedTensor, ShardWriter, resident_budget, write_index
 from cnnlens.tensors import Split, load_split
 from cnnlens.training import configure_torch, place, train
+
+
+def write_shards(folder: Path, splits: dict, *args, **kwargs) -> None:
+    """conftest.write_shards, and the classes.json of random_split's two classes beside the shards
+    folder, as prepare writes it (load_split checks the labels against it)."""
+    write_shards_only(folder, splits, *args, **kwargs)
+    (folder.parent / "classes.json").write_text('["a", "b"]\n')
 
 
 def random_split(n, side, seed, split="train", separable=True) -> Split:

@@ -173,7 +173,7 @@ def test_checkpoint_round_trip_and_clear_mismatch_errors(tmp_path):
     with pytest.raises(StageError, match=r"3 classes.*fc.weight \(2, 512\) vs \(3, 512\)"):
         load_checkpoint(tmp_path / "classes")
     (tmp_path / "ok" / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(StageError, match="cannot load model checkpoint"):
+    with pytest.raises(StageError, match="model.pt: its SHA-256 .* is not the .* that .*model.json records"):
         load_checkpoint(tmp_path / "ok")
 
 
