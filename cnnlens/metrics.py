@@ -9,12 +9,9 @@ from sklearn import metrics as skm
 def classification_metrics(
     y_true: np.ndarray, proba: np.ndarray, classes: list[str], *, ece_bins: int = 15
 ) -> dict:
-    """Flat dict of val metrics; `proba` is N x C, the prediction is its argmax."""
+    """The headline val metrics (metrics/eval.json); `proba` is N x C, the prediction is its argmax.
+    ROC AUC is left out where it is undefined (one class present); per-class scores: per_class_table."""
     y_pred = proba.argmax(1)
-    labels = list(range(len(classes)))
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
     out = {
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
@@ -23,13 +20,19 @@ def classification_metrics(
         # longer sum to 1 after such a floor)
         "log_loss": float(-np.log(np.clip(proba[np.arange(len(y_true)), y_true], 1e-7, 1)).mean()),
         "ece": expected_calibration_error(y_true, proba, ece_bins),
-        "n": int(len(y_true)),
     }
-    for i, name in enumerate(classes):
-        out[f"precision_{name}"] = float(precision[i])
-        out[f"recall_{name}"] = float(recall[i])
-        out[f"f1_{name}"] = float(f1[i])
-    return out
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> list[dict]:
+    """One row per class: precision, recall, F1 and support (plots/eval/per_class.csv)."""
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(classes))), zero_division=0
+    )
+    return [
+        {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in zip(classes, precision, recall, f1, support)
+    ]
 
 
 def roc_auc(y_true, proba) -> float | None:

@@ -604,19 +604,17 @@ def _mean(entry: dict, key: str) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-HEADLINE = ("deletion_auc", "insertion_auc", "pointing_game")
+HEADLINE = ("deletion_auc", "pointing_game")  # faithfulness and localisation; the rest: quality.json
 
 
 def headline_metrics(full: dict, *, methods: list[str]) -> dict:
     """The declared metrics (metrics/saliency.json) out of the full results (the stage's quality.json):
-    per method of `methods` and the random baseline, the means of deletion and insertion AUC and, where
-    object masks exist, of the pointing game; plus the stage's seconds. A score that does not apply is
-    left out, never NaN."""
+    per method of `methods` and the random baseline, the mean deletion AUC and, where object masks exist,
+    the mean pointing game. A score that does not apply is left out, never NaN."""
     out = {}
     for name in [*methods, "random"]:
         means = {key: _mean(full[name], key) for key in HEADLINE}
         out[name] = {key: v for key, v in means.items() if v is not None}
-    out["seconds"] = full["seconds"]
     return out
 
 

@@ -11,7 +11,14 @@ from cnnlens.config import stage_args
 from cnnlens.devices import select_device
 from cnnlens.figures import chw_to_hwc, image_grid, save_figure
 from cnnlens.files import atomic_outputs, write_json
-from cnnlens.metrics import classification_metrics, confusion, pr_points, reliability_table, roc_points
+from cnnlens.metrics import (
+    classification_metrics,
+    confusion,
+    per_class_table,
+    pr_points,
+    reliability_table,
+    roc_points,
+)
 from cnnlens.model import load_checkpoint, predict_logits, probabilities
 from cnnlens.tensors import center_crop, load_split
 
@@ -74,11 +81,12 @@ def main(argv=None):
     with atomic_outputs(args.plots, args.metrics) as (out, metrics):  # together, the metrics last
         out.mkdir()
         write_plots(out, table, y_true=y_true, proba=proba, ece_bins=ep.ece_bins)
+        pd.DataFrame(per_class_table(y_true, y_pred, classes)).to_csv(out / "per_class.csv", index=False)
         save_figure(gallery, out / "misclassified.png")
         write_json(metrics, scores)
     log(
         f"evaluate: accuracy {scores['accuracy']:.4f}, balanced {scores['balanced_accuracy']:.4f}, "
-        f"AUC {scores['roc_auc'] if scores['roc_auc'] is None else round(scores['roc_auc'], 4)}, "
+        f"AUC {round(scores['roc_auc'], 4) if 'roc_auc' in scores else 'n/a'}, "
         f"ECE {scores['ece']:.4f} on {len(y_true)} val images\n"
         + "\n".join(
             f"  true {classes[i]:>10}: " + " ".join(f"{v:5d}" for v in row) for i, row in enumerate(cm)

@@ -334,14 +334,20 @@ def test_stage_rejects_an_unknown_layer_name_and_lists_the_available_ones(projec
     code, err = run_cli(project, tmp_path, capsys, layers=["stem", "layer5"])
     assert code == 2  # a bad value in params.yaml
     assert "layer5" in err and "stem, layer1, layer2, layer3, layer4" in err
-    assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
+    assert (
+        not (tmp_path / "metrics" / "activations.json").exists()
+        and not (tmp_path / "plots" / "activations").exists()
+    )
 
 
 def test_stage_rejects_an_unknown_image_path(project, tmp_path, capsys):
     code, err = run_cli(project, tmp_path, capsys, images=["val/ants/a0.jpg", "val/ants/nope.jpg"])
     assert code == 1
     assert "val/ants/nope.jpg" in err and "not in the prepared val split" in err
-    assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
+    assert (
+        not (tmp_path / "metrics" / "activations.json").exists()
+        and not (tmp_path / "plots" / "activations").exists()
+    )
 
 
 def test_stage_removes_its_hooks_and_names_colliding_images_apart(project, tmp_path, monkeypatch):
@@ -401,4 +407,7 @@ def test_an_empty_val_split_names_the_shards(project, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "val.pt" not in err
     assert "shards/index.json: the val split holds no images" in err, err
-    assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
+    assert (
+        not (tmp_path / "metrics" / "activations.json").exists()
+        and not (tmp_path / "plots" / "activations").exists()
+    )

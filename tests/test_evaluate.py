@@ -8,7 +8,13 @@ import pytest
 import torch
 from conftest import make_prepared, run_stage, write_params
 
-from cnnlens.metrics import classification_metrics, confusion, expected_calibration_error, reliability_table
+from cnnlens.metrics import (
+    classification_metrics,
+    confusion,
+    expected_calibration_error,
+    per_class_table,
+    reliability_table,
+)
 from cnnlens.model import build_model, save_checkpoint
 from cnnlens.tensors import eval_inputs, load_split
 
@@ -23,16 +29,20 @@ def test_metrics_match_hand_computed_confusion_matrix():
     assert confusion(Y, PROBA.argmax(1), 2).tolist() == [[2, 2], [2, 4]]
     m = classification_metrics(Y, PROBA, ["ants", "bees"], ece_bins=10)
     assert m["accuracy"] == pytest.approx(6 / 10)
-    assert m["precision_ants"] == pytest.approx(2 / 4) and m["recall_ants"] == pytest.approx(2 / 4)
-    assert m["precision_bees"] == pytest.approx(4 / 6) and m["recall_bees"] == pytest.approx(4 / 6)
-    assert m["f1_bees"] == pytest.approx(2 / 3)
+    ants, bees = per_class_table(Y, PROBA.argmax(1), ["ants", "bees"])
+    assert (ants["class"], ants["support"], bees["support"]) == ("ants", 4, 6)
+    assert ants["precision"] == pytest.approx(2 / 4) and ants["recall"] == pytest.approx(2 / 4)
+    assert bees["precision"] == pytest.approx(4 / 6) and bees["recall"] == pytest.approx(4 / 6)
+    assert bees["f1"] == pytest.approx(2 / 3)
     assert m["balanced_accuracy"] == pytest.approx((2 / 4 + 4 / 6) / 2)
     # AUC = share of (bee, ant) pairs ranked correctly: count by hand
     pairs = [(b, a) for b in P1[Y == 1] for a in P1[Y == 0]]
     assert m["roc_auc"] == pytest.approx(sum((b > a) + 0.5 * (b == a) for b, a in pairs) / len(pairs))
     true_p = np.where(Y == 1, P1, 1 - P1)
     assert m["log_loss"] == pytest.approx(-np.log(true_p).mean())
-    assert m["n"] == 10
+    assert set(m) == {"accuracy", "balanced_accuracy", "roc_auc", "log_loss", "ece"}  # the headline only
+    one_class = classification_metrics(Y[Y == 1], PROBA[Y == 1], ["ants", "bees"])
+    assert "roc_auc" not in one_class  # undefined with one class: left out, not null or NaN
 
 
 def test_ece_by_hand():

@@ -175,13 +175,12 @@ def test_randomization_runs_for_one_pass_methods_on_cpu_and_says_which_it_skippe
 
 def test_declared_metrics_are_the_headline_only(full_run):
     """metrics/saliency.json (what `dvc exp show` and `dvc metrics diff` show): per method and the random
-    map the mean deletion AUC, insertion AUC and (masks here) pointing game, plus seconds; nothing else."""
+    map the mean deletion AUC and (masks here) pointing game; nothing else (no timings: they differ per run)."""
     m, q = full_run["metrics"], full_run["quality"]
-    assert list(m) == [*METHODS, "random", "seconds"]
+    assert list(m) == [*METHODS, "random"]
     for name in [*METHODS, "random"]:
-        assert m[name] == {k: q[name][k]["mean"] for k in ("deletion_auc", "insertion_auc", "pointing_game")}
-    assert m["seconds"] == q["seconds"] > 0
-    assert sum(len(v) if isinstance(v, dict) else 1 for v in m.values()) == 3 * (len(METHODS) + 1) + 1
+        assert m[name] == {k: q[name][k]["mean"] for k in ("deletion_auc", "pointing_game")}
+    assert q["seconds"] > 0
 
 
 def test_explicit_image_list_is_explained_in_its_order(project, tmp_path):
@@ -221,14 +220,20 @@ def test_unknown_image_path_is_refused_clearly(project, tmp_path, capsys):
     code, err = run_cli(project, tmp_path, capsys, images=["val/ants/000.png", "val/ants/nope.jpg"])
     assert code == 1
     assert "val/ants/nope.jpg" in err and "not in the prepared val split" in err
-    assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
+    assert (
+        not (tmp_path / "metrics" / "saliency.json").exists()
+        and not (tmp_path / "plots" / "saliency").exists()
+    )
 
 
 def test_empty_method_list_is_refused_clearly(project, tmp_path, capsys):
     code, err = run_cli(project, tmp_path, capsys, methods=[])
     assert code == 2
     assert "saliency.methods is empty" in err and "gradient" in err
-    assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
+    assert (
+        not (tmp_path / "metrics" / "saliency.json").exists()
+        and not (tmp_path / "plots" / "saliency").exists()
+    )
 
 
 def test_quality_over_all_of_val_in_chunks_equals_one_chunk(project, tmp_path, monkeypatch):
@@ -264,6 +269,6 @@ def test_without_masks_the_pointing_game_is_n_a_and_left_out(project, tmp_path, 
     assert rows["gradient"][2:] == ["n/a", "n/a"] and rows["center"][2] == "n/a"
     assert "nan" not in err
     metrics = json.loads((tmp_path / "metrics" / "saliency.json").read_text())
-    assert metrics["gradient"].keys() == metrics["random"].keys() == {"deletion_auc", "insertion_auc"}
+    assert metrics["gradient"].keys() == metrics["random"].keys() == {"deletion_auc"}
     full = json.loads((tmp_path / "plots" / "saliency" / "quality.json").read_text())
     assert not full["masks"] and "pointing_game" not in full["gradient"]
