@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from cnnlens.errors import StageError
-from cnnlens.shards import INDEX, ShardedTensor, open_split
+from cnnlens.packing import INDEX
+from cnnlens.shards import ShardedTensor, open_split
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, as in the tutorial
 STD = (0.229, 0.224, 0.225)

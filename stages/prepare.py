@@ -17,7 +17,7 @@ from cnnlens.config import stage_args
 from cnnlens.decode import decode_stream, scan_imagefolder, stratified_split
 from cnnlens.errors import StageError
 from cnnlens.files import atomic_outputs, write_json
-from cnnlens.shards import ShardWriter, write_index
+from cnnlens.packing import ShardWriter, write_index
 
 
 def write_prepared(out: Path, results, classes: list[str], *, pp) -> tuple[list[dict], list]:

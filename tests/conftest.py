@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from cnnlens.config import PrepareParams, TrainParams
-from cnnlens.shards import ShardWriter, write_index
+from cnnlens.packing import ShardWriter, write_index
 from cnnlens.tensors import MEAN, STD, Split
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -276,7 +276,7 @@ def test_injected_enospc_on_the_metrics_leaves_old_outs(tmp_path, monkeypatch, c
 
 
 def test_full_disk_while_writing_shards_names_the_folder(tmp_path, monkeypatch, capsys):
-    from cnnlens.shards import ShardWriter
+    from cnnlens.packing import ShardWriter
     from stages import prepare as stage
 
     def full(self, *args, **kwargs):

@@ -17,7 +17,8 @@ from cnnlens import shards
 from cnnlens.decode import bounded_map
 from cnnlens.errors import StageError
 from cnnlens.model import build_model
-from cnnlens.shards import ShardedTensor, ShardWriter, resident_budget, write_index
+from cnnlens.packing import ShardWriter, write_index
+from cnnlens.shards import ShardedTensor, resident_budget
 from cnnlens.tensors import Split, load_split
 from cnnlens.training import configure_torch, place, train
 
