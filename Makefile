@@ -18,6 +18,9 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt $(CONSTRAINT)
 	$(BIN)/python -m pip install -q --no-deps -e .
+	# first-use caches now, not inside the first pipeline run: matplotlib's font list, the bytecode
+	MPLBACKEND=Agg $(BIN)/python -c "import matplotlib.pyplot"
+	$(BIN)/python -m compileall -q cnnlens stages
 	touch $@
 
 demo: $(BIN)/.installed build/plots.html
