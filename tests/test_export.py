@@ -31,12 +31,15 @@ def test_stage_writes_the_model_its_facts_and_the_check(project):
     export = project / "export"
     assert sorted(p.name for p in export.iterdir()) == ["model.json", "model.onnx"]
     metrics = json.loads((project / "metrics/export.json").read_text())
-    val = load_split(project / "data/prepared", "val")
-    assert metrics["images"] == len(val) == 21
-    assert 0 <= metrics["max_abs_logit_difference"] <= TOLERANCE == metrics["tolerance"] == 1e-4
-    assert metrics["onnx_bytes"] == (export / "model.onnx").stat().st_size
+    assert set(metrics) == {"max_abs_logit_difference", "max_abs_probability_difference"}  # the headline
+    assert 0 <= metrics["max_abs_logit_difference"] <= TOLERANCE == 1e-4
     trained = json.loads((project / "models/model.json").read_text())
     facts = json.loads((export / "model.json").read_text())
+    check, val = facts["onnx"]["check"], load_split(project / "data/prepared", "val")
+    assert check["images"] == len(val) == 21 and check["tolerance"] == TOLERANCE
+    assert check["max_abs_logit_difference"] == metrics["max_abs_logit_difference"]
+    assert facts["onnx"]["bytes"] == (export / "model.onnx").stat().st_size
+    trained.pop("model_sha256")  # the hash of models/model.pt, not of the ONNX file
     assert {k: facts[k] for k in trained} == trained  # models/model.json, plus:
     assert facts["onnx"]["input"] == {"name": "image", "dtype": "uint8", "shape": ["batch", 3, 32, 32]}
     props = {p.key: p.value for p in onnx.load(str(export / "model.onnx")).metadata_props}
