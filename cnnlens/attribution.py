@@ -579,8 +579,8 @@ METHODS = {
         occlusion,
         "occlusion",
         lambda *, occlusion_window=OCCLUSION_WINDOW, occlusion_stride=OCCLUSION_STRIDE, **_: (
-            f"drop of the predicted logit when a {occlusion_window} px square (mean colour) covers the "
-            f"pixel, sliding by {occlusion_stride} px (captum); |value| shown"
+            f"drop of the predicted logit under a {occlusion_window} px mean-colour square, "
+            f"stride {occlusion_stride} px; |value| shown"
         ),
         _occlusion_passes,
         "1 + windows forwards, no backward: windows = (ceil((side - occlusion_window) / occlusion_stride) "
@@ -592,8 +592,8 @@ METHODS = {
         gradient_shap,
         "GradientSHAP",
         lambda *, gradshap_samples=GRADSHAP_SAMPLES, **_: (
-            f"(image - baseline) x gradient at a random point between them, mean of {gradshap_samples} "
-            "draws; baselines black or uniform noise (captum); |value| shown"
+            f"(image - baseline) x gradient between them, mean of {gradshap_samples} draws; "
+            "black or noise baselines; |value| shown"
         ),
         lambda *, gradshap_samples=GRADSHAP_SAMPLES, **_: gradshap_samples,
         "gradshap_samples x (1 forward + 1 backward)",
