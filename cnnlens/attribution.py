@@ -270,7 +270,7 @@ def resolve_cam_layer(model: nn.Module, layer: str | None = "auto", *, size: int
         why = "has no module of that name" if grid is None else "has no feature map (N x C x h x w) there"
         raise ParamsError(
             f"saliency.gradcam_layer = {layer!r}: {type(model).__name__} {why}; expected auto or the name of "
-            f"a module that outputs a feature map, e.g. {', '.join(candidates)} (see model.named_modules())"
+            f"a module that outputs a feature map, e.g. {', '.join(candidates)} (any name in its named_modules())"
         )
     return CamLayer(layer, grid, layer)
 
