@@ -9,7 +9,7 @@ ABSBIN := $(abspath $(BIN))
 LOCK ?= requirements-lock.txt
 CONSTRAINT := $(if $(LOCK),-c $(LOCK),)
 
-.PHONY: demo report compare test test-isa lint run lock bench gpu-check clean
+.PHONY: demo report compare explain-all test test-isa lint run lock bench gpu-check clean
 
 # The dependencies, then the project itself, editable (pyproject.toml: the package cnnlens only), so
 # `import cnnlens` works in a notebook without PYTHONPATH.
@@ -39,6 +39,18 @@ report: build/plots.html
 # The four losses as DVC experiments on the demo settings, then one comparison in demo/compare/.
 compare: build/plots.html
 	PATH=$(ABSBIN):$$PATH bash scripts/compare.sh
+
+# Every saliency method of the registry (cnnlens/attribution.py METHODS) on the demo, after `make demo`: one
+# DVC experiment, explain-all, that reruns the saliency stage only, then the page again. Its one quality
+# table of all methods and both baselines, sorted by deletion AUC with 95% intervals:
+# demo/plots/saliency/figures/quality.png (on the page) and quality.csv. Minutes on 2 CPU cores (BENCHMARKS.md).
+explain-all: build/plots.html
+	@test -f demo/dvc.lock || { echo "error: demo/ has no finished pipeline; run \`make demo\` first" >&2; exit 1; }
+	cd demo && PATH=$(ABSBIN):$$PATH dvc exp remove explain-all >/dev/null 2>&1 || true
+	cd demo && methods=$$($(ABSBIN)/python -c 'from cnnlens.attribution import METHODS; print(",".join(METHODS))') && \
+		PATH=$(ABSBIN):$$PATH dvc exp run -n explain-all -S "saliency.methods=[$$methods]"
+	$(MAKE) report
+	@echo "explain-all: every method's quality, sorted: demo/plots/saliency/figures/quality.png, quality.csv" >&2
 
 # Two workers, a test file each at a time (a file's session fixtures are built once): most tests wait on
 # DVC and stage subprocesses (each imports torch), so two of them share 2 cores well.

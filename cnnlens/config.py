@@ -174,7 +174,18 @@ class SaliencyParams:
     smoothgrad_sigma: float = param(0.15, min=0.0, max=1.0, doc="noise std as a fraction of the input range")
     smoothgrad_samples: int = param(25, min=1, max=1000)
     ig_steps: int = param(32, min=2, max=1000)
+    gradcam_layer: str = param(
+        "auto",
+        doc="the layer the CAM methods hook: auto (the deepest block whose map is at least 7 x 7 at the "
+        "model's input size) or a module name such as layer3 (checked against the model when the stage runs)",
+    )
+    occlusion_window: int = param(32, min=1, max=4096, doc="occlusion's square window, px")
+    occlusion_stride: int = param(16, min=1, max=4096, doc="occlusion's stride, px")
+    gradshap_samples: int = param(16, min=1, max=1000, doc="GradientSHAP draws per image")
     quality_steps: int = param(16, min=2, max=1000, doc="deletion/insertion steps")
+    road_steps: int = param(
+        9, min=0, max=99, doc="ROAD: remove k / (road_steps + 1) of the pixels, k = 1..road_steps; 0: no ROAD"
+    )
     quality_images: int = param(32, min=0, doc="val images scored for explanation quality; 0: all")
     bootstrap: int = param(1000, min=10, max=100_000)
     randomization: bool = param(True, doc="model-randomisation sanity check (Adebayo et al. 2018)")

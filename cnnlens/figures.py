@@ -478,6 +478,48 @@ def write_randomization(out: Path, curves: dict, *, labels: dict, images: int, s
     save_figure(figure, out / "figures" / "randomization.png")
 
 
+def quality_figure(table: pd.DataFrame, *, labels: dict, headers: dict, baselines, title: str):
+    """A quality table as a figure: one row per method or baseline in the table's order (shaded: the
+    `baselines`), one column per score of `headers` ({metric: column title}) that the table holds, each
+    cell `mean [low, high]`. table: quality.quality_table()'s rows (method, metric, mean, low, high)."""
+    metrics = [m for m in headers if m in set(table.metric)]
+    names = list(dict.fromkeys(table.method))
+    cells = {(r.method, r.metric): f"{r.mean:.3f} [{r.low:.2f}, {r.high:.2f}]" for r in table.itertuples()}
+    text = [[cells.get((n, m), "n/a") for m in metrics] for n in names]
+    fig, ax = plt.subplots(figsize=(1.55 * len(metrics) + 1.6, 0.3 * len(names) + 0.9))
+    ax.axis("off")
+    grid = ax.table(
+        cellText=text,
+        rowLabels=[labels.get(n, n) for n in names],
+        colLabels=[headers[m] for m in metrics],
+        loc="center",
+        cellLoc="center",
+    )
+    grid.auto_set_font_size(False)
+    grid.set_fontsize(7.5)
+    grid.scale(1, 1.25)
+    for row, name in enumerate(names, start=1):
+        for col in range(-1, len(metrics)):
+            if name in baselines:
+                grid[row, col].set_facecolor("#e6e6e6")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def write_quality(
+    out: Path, table: pd.DataFrame, *, labels: dict, headers: dict, baselines, images: int, sorted_by: str
+):
+    """<out>/quality.csv (the table's rows as they are) and figures/quality.png (quality_figure);
+    `sorted_by` names the score the table's order follows."""
+    table.to_csv(out / "quality.csv", index=False)
+    title = (
+        f"Explanation quality on {images} val images, sorted by {sorted_by} (best first): mean [95% "
+        "bootstrap interval];\nshaded: baselines that know nothing of the model"
+    )
+    figure = quality_figure(table, labels=labels, headers=headers, baselines=baselines, title=title)
+    save_figure(figure, out / "figures" / "quality.png")
+
+
 # ---- the activations stage's outputs
 
 COMPACT_MAPS = (

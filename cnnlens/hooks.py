@@ -85,23 +85,25 @@ def resolve_layers(model: nn.Module, names: list[str], input_size: int = 224) ->
 
 
 @contextlib.contextmanager
-def capture(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
-    """Forward hooks that store each module's output (detached) under its name, for the
-    forward passes run inside the `with`; the hooks are removed on exit, also after an error."""
+def capture(modules: dict[str, nn.Module], *, detach: bool = True) -> Iterator[dict[str, Tensor]]:
+    """Forward hooks that store each module's output under its name, for the forward passes run
+    inside the `with` (a module called twice keeps its last output); the hooks are removed on exit,
+    also after an error. detach=False keeps the outputs in the autograd graph, for gradients with
+    respect to a layer (the CAM methods in cnnlens.attribution)."""
     store: dict[str, Tensor] = {}
     handles = []
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(_storing(store, name)))
+            handles.append(module.register_forward_hook(_storing(store, name, detach)))
         yield store
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _storing(store: dict[str, Tensor], name: str):
-    """A forward hook (module, inputs, output) that keeps the output, detached, as store[name]."""
-    return lambda _module, _inputs, out: store.__setitem__(name, out.detach())
+def _storing(store: dict[str, Tensor], name: str, detach: bool = True):
+    """A forward hook (module, inputs, output) that keeps the output (detached or not) as store[name]."""
+    return lambda _module, _inputs, out: store.__setitem__(name, out.detach() if detach else out)
 
 
 def top_maps(act: Tensor, k: int) -> tuple[Tensor, Tensor]:

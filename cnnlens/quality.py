@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy import stats
+from scipy import sparse, stats
+from scipy.sparse import linalg as splinalg
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 from tqdm import tqdm
@@ -140,6 +142,153 @@ def deletion_insertion(
         "deletion_curve": del_curve,
         "insertion_curve": ins_curve,
         "fractions": fx,
+    }
+
+
+# ---- ROAD: remove and debias (Rong et al. 2022)
+
+# ROAD's imputation weights (the authors' code, as pytorch-grad-cam copies it): a removed pixel is the
+# weighted mean of its in-image neighbours, 1/6 for the four direct ones and 1/12 for the diagonals.
+ROAD_NEIGHBOURS = (
+    ((1, 1), 1 / 12),
+    ((0, 1), 1 / 6),
+    ((-1, 1), 1 / 12),
+    ((1, -1), 1 / 12),
+    ((0, -1), 1 / 6),
+    ((-1, -1), 1 / 12),
+    ((1, 0), 1 / 6),
+    ((-1, 0), 1 / 6),
+)
+ROAD_NOISE = 0.01  # std of the noise added to imputed pixels, in normalised input units (the authors')
+
+
+def _imputation_system(removed: np.ndarray, image: np.ndarray):
+    """The sparse SPD system M v = b of noisy_linear_impute for the removed pixels (flat indices `idx`):
+    M = diag(weight of the in-image neighbours) - weights between removed neighbours, b = the weighted
+    known neighbours, one column per channel. Returns (M, b, idx)."""
+    (h, w), flat = removed.shape, image.reshape(image.shape[0], -1)
+    rem = removed.reshape(-1)
+    idx = np.flatnonzero(rem)
+    m = len(idx)
+    var = np.full(h * w, -1)
+    var[idx] = np.arange(m)
+    y, x = idx // w, idx % w
+    rows, cols, vals = [np.arange(m)], [np.arange(m)], []
+    diag, b = np.zeros(m), np.zeros((m, flat.shape[0]))
+    for (dy, dx), weight in ROAD_NEIGHBOURS:
+        ny, nx = y + dy, x + dx
+        inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        nb = np.where(inside, ny * w + nx, 0)
+        diag += weight * inside
+        unknown = inside & rem[nb]
+        known = inside & ~rem[nb]
+        rows.append(np.flatnonzero(unknown))
+        cols.append(var[nb[unknown]])
+        vals.append(np.full(int(unknown.sum()), -weight))
+        b[known] += weight * flat[:, nb[known]].T
+    entries = np.concatenate([diag, *vals])
+    matrix = sparse.csc_matrix((entries, (np.concatenate(rows), np.concatenate(cols))), shape=(m, m))
+    return matrix, b, idx
+
+
+def noisy_linear_impute(
+    image: Tensor, removed: Tensor, *, noise: float = ROAD_NOISE, generator: torch.Generator | None = None
+) -> Tensor:
+    """ROAD's noisy linear imputation of one image (C x H x W): every pixel where `removed` (H x W, bool)
+    becomes the weighted mean of its in-image neighbours (ROAD_NEIGHBOURS), known or themselves removed,
+    all removed pixels solved as one sparse linear system (scipy's SuperLU, float64), plus N(0, noise^2)
+    per channel from `generator`. Kept pixels are unchanged. The result is on the CPU; at least one pixel
+    must be kept (with none, no pixel is known and the system is singular)."""
+    img = image.detach().cpu()
+    rem = removed.detach().cpu().bool().numpy()
+    out = img.clone()
+    if not rem.any():
+        return out
+    if rem.all():
+        raise ValueError("noisy_linear_impute: every pixel is removed; keep at least one")
+    matrix, b, idx = _imputation_system(rem, img.double().numpy())
+    lu = splinalg.splu(matrix, permc_spec="MMD_AT_PLUS_A", options={"SymmetricMode": True})
+    values = torch.from_numpy(lu.solve(b).T.copy()).to(img.dtype)  # C x m
+    if noise:
+        values += noise * torch.randn(values.shape, generator=generator, dtype=img.dtype)
+    out.view(img.shape[0], -1)[:, torch.from_numpy(idx)] = values
+    return out
+
+
+def road_fractions(steps: int) -> Tensor:
+    """The shares of pixels ROAD removes: k / (steps + 1) for k = 1..steps (9 steps: 10%, 20% .. 90%,
+    the paper's and pytorch-grad-cam's percentiles), float64."""
+    return torch.arange(1, steps + 1, dtype=torch.float64) / (steps + 1)
+
+
+def road_passes(steps: int) -> int:
+    """Forward passes per image of road(): one per removal fraction and order."""
+    return 2 * steps
+
+
+def _road_images(x: Tensor, rank: Tensor, counts: Tensor, *, noise: float, seed: int):
+    """(image i, order, step k, imputed image) for every image, MoRF then LeRF, every count: MoRF removes
+    the counts[k] top-ranked pixels, LeRF the counts[k] lowest-ranked. Each image's noise comes from a
+    generator seeded with `seed`."""
+    hw = rank.shape[1]
+    for i in range(x.shape[0]):
+        generator = torch.Generator().manual_seed(seed)
+        for j, most in enumerate((True, False)):
+            for k, count in enumerate(counts.tolist()):
+                removed = rank[i] < count if most else rank[i] >= hw - count
+                yield (
+                    i,
+                    j,
+                    k,
+                    noisy_linear_impute(x[i], removed.view(x.shape[-2:]), noise=noise, generator=generator),
+                )
+
+
+@torch.no_grad()
+def road(
+    model: nn.Module,
+    inputs: Tensor,
+    target,
+    *,
+    maps: Tensor,
+    steps: int = 9,
+    noise: float = ROAD_NOISE,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict:
+    """ROAD, remove and debias (Rong et al. 2022, "A Consistent and Efficient Evaluation Strategy for
+    Attribution Methods"): the pixels are ranked by the combined map (pixel_order: ties at random, from a
+    generator seeded with `seed`, as in deletion), a share road_fractions(steps) of them is removed and
+    filled in by noisy linear imputation (noisy_linear_impute; each image's noise from a generator seeded
+    with `seed`, so its scores do not depend on the images batched with it), which leaks far less of
+    the removed shape to the model than deletion's constant colour does; then the softmax probability of
+    `target`. MoRF removes the most relevant pixels first (a good map: the probability falls: low),
+    LeRF the least relevant (a good map: it stays: high). Per image, the mean over the fractions is the
+    score (pytorch-grad-cam's ROAD*Average, less the unperturbed score it subtracts). Imputed images run
+    in forwards of batch_size. Cost: 2 * steps forwards and sparse solves per image.
+    Returns dict(morf N, lerf N, morf_curve N x steps, lerf_curve N x steps, fractions steps)."""
+    model.eval()
+    n, _, h, w = inputs.shape
+    idx = torch.as_tensor(target, device=inputs.device).long().reshape(-1).expand(n)
+    order = pixel_order(maps.to(inputs.device), torch.Generator().manual_seed(seed)).cpu()
+    if order.shape != (n, h * w):
+        raise ValueError(f"maps of shape {tuple(maps.shape)} do not match inputs {tuple(inputs.shape)}")
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(h * w).expand(n, -1))
+    fractions = road_fractions(steps)
+    counts = torch.round(fractions * (h * w)).long()
+    curves = torch.empty(n, 2, steps)
+    jobs = _road_images(inputs.detach().cpu(), rank, counts, noise=noise, seed=seed)
+    while chunk := list(itertools.islice(jobs, batch_size)):
+        i, j, k, images = zip(*chunk)
+        batch = torch.stack(images).to(inputs.device, inputs.dtype)
+        probs = torch.softmax(model(batch).float(), dim=1).gather(1, idx[list(i)][:, None])[:, 0]
+        curves[list(i), list(j), list(k)] = probs.cpu()
+    return {
+        "morf": curves[:, 0].mean(1),
+        "lerf": curves[:, 1].mean(1),
+        "morf_curve": curves[:, 0],
+        "lerf_curve": curves[:, 1],
+        "fractions": fractions,
     }
 
 
@@ -325,22 +474,28 @@ def quality_scores(
     steps: int,
     seed: int,
     batch_size: int,
+    road_steps: int = 0,
 ) -> dict[str, Tensor]:
     """Per-image scores of N x [C x] H x W maps (abs taken: IG is signed): deletion and insertion
-    AUC, and where object masks exist (N x H x W) the pointing game (1 hit, 0 miss) and the share
-    of the map's mass inside the mask."""
+    AUC, with road_steps > 0 ROAD's MoRF and LeRF means, and where object masks exist (N x H x W) the
+    pointing game (1 hit, 0 miss) and the share of the map's mass inside the mask. Ties in the pixel order
+    (flat maps) are broken at random, the same way for deletion and ROAD (a generator seeded with `seed`
+    each); ROAD's noise is seeded with `seed` too."""
     maps = maps.detach().abs().float().cpu()
-    gen = torch.Generator().manual_seed(seed)  # breaks ties in the pixel order (flat maps)
+    target = torch.as_tensor(target).to(x.device)
     curves = deletion_insertion(
         model,
         x,
-        torch.as_tensor(target).to(x.device),
+        target,
         maps=maps,
         steps=steps,
-        generator=gen,
+        generator=torch.Generator().manual_seed(seed),
         batch_size=batch_size,
     )
     scores = {"deletion_auc": curves["deletion_auc"].cpu(), "insertion_auc": curves["insertion_auc"].cpu()}
+    if road_steps:
+        found = road(model, x, target, maps=maps, steps=road_steps, seed=seed, batch_size=batch_size)
+        scores.update(road_morf=found["morf"], road_lerf=found["lerf"])
     if masks is not None:
         scores["pointing_game"] = pointing_game(maps, masks.cpu()).float()
         scores["mass_inside"] = mass_inside(maps, masks.cpu())
@@ -413,7 +568,16 @@ class ScoredImages:
 
 
 def score_maps(
-    model: nn.Module, scored, source, *, steps: int, seed: int, batch_size: int, bootstrap: int, extra=None
+    model: nn.Module,
+    scored,
+    source,
+    *,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    bootstrap: int,
+    road_steps: int = 0,
+    extra=None,
 ) -> dict:
     """The quality of the maps that `source(model, x, target)` gives for every chunk of `scored`, a
     method's or a baseline's alike: per score (quality_scores), the mean over the images and its 95%
@@ -431,6 +595,7 @@ def score_maps(
             steps=steps,
             seed=seed,
             batch_size=batch_size,
+            road_steps=road_steps,
         )
         scores.update({name: fn(model, chunk, maps) for name, fn in (extra or {}).items()})
         for name, v in scores.items():
@@ -438,9 +603,13 @@ def score_maps(
     return {name: bootstrap_ci(torch.cat(v), n_resamples=bootstrap, seed=seed) for name, v in raw.items()}
 
 
-def metric_passes(steps: int) -> dict:
-    """The forward and backward passes per image that scoring a map costs (deletion and insertion)."""
-    return {"deletion_insertion": {"forward": deletion_insertion_passes(steps), "backward": 0}}
+def metric_passes(steps: int, road_steps: int = 0) -> dict:
+    """The forward and backward passes per image that scoring a map costs (deletion and insertion, ROAD;
+    ROAD also solves one sparse system per forward)."""
+    passes = {"deletion_insertion": {"forward": deletion_insertion_passes(steps), "backward": 0}}
+    if road_steps:
+        passes["road"] = {"forward": road_passes(road_steps), "backward": 0}
+    return passes
 
 
 @dataclass
@@ -468,50 +637,70 @@ def score_methods(
     quality_steps: int,
     bootstrap: int,
     randomization: bool,
+    road_steps: int = 0,
     settings: dict | None = None,
 ) -> SaliencyScores:
     """Every method of `methods` (attribution.METHODS names) and every baseline (BASELINES), each a
-    source of maps scored by score_maps on `scored`: deletion/insertion AUC, and the pointing game and
-    mass inside the mask where masks exist, each with its 95% bootstrap interval (`bootstrap`
-    resamples). A method also gets its maps of the `shown` images, its cost (passes; seconds per shown
-    and scored image), for integrated gradients the completeness error and, with `randomization` where
-    affordable, the model-randomisation check. `settings`: the methods' settings as
-    attribution.explain() takes them (smoothgrad_sigma, smoothgrad_samples, ig_steps)."""
+    source of maps scored by score_maps on `scored`: deletion/insertion AUC, ROAD (road_steps > 0), and
+    the pointing game and mass inside the mask where masks exist, each with its 95% bootstrap interval
+    (`bootstrap` resamples). A method also gets its maps of the `shown` images, its cost (passes; seconds
+    per shown and scored image, its maps alone and with the scoring), for integrated gradients the
+    completeness error and, with `randomization` where affordable, the model-randomisation check.
+    `settings`: the methods' settings as attribution.explain() takes them (attribution.SETTINGS)."""
     settings = dict(settings or {})
     quality = functools.partial(
-        score_maps, model, scored, steps=quality_steps, seed=seed, batch_size=batch_size, bootstrap=bootstrap
+        score_maps,
+        model,
+        scored,
+        steps=quality_steps,
+        seed=seed,
+        batch_size=batch_size,
+        bootstrap=bootstrap,
+        road_steps=road_steps,
     )
     found = SaliencyScores()
     for name in tqdm(methods, desc="saliency methods", unit="method", disable=None):
         source = method_source(name, seed=seed, batch_size=batch_size, settings=settings)
-        passes = METHODS[name].passes(**settings)
         metrics, found.maps[name] = _score_method(
             name, model, shown, scored=scored, source=source, quality=quality, batch_size=batch_size
         )
-        metrics["passes"] = {"forward": passes, "backward": passes, "what": METHODS[name].cost}
-        metrics["metric_passes"] = metric_passes(quality_steps)
+        metrics["passes"] = method_passes(name, size=shown.x.shape[-1], settings=settings)
+        metrics["metric_passes"] = metric_passes(quality_steps, road_steps)
         if "ig_completeness_error" in metrics:
             metrics["ig_completeness_error"] = metrics.pop("ig_completeness_error")  # after the costs
             metrics["metric_passes"]["ig_completeness"] = {"forward": 2, "backward": 0}
-        curve = (
-            _randomization(model, scored, source=source, passes=passes, seed=seed) if randomization else None
-        )
-        if curve is not None:
-            found.curves[name] = curve
-            metrics["randomization_rho"] = curve[-1][1]  # all layers re-initialised
-            runs = passes * (len(curve) + 1)  # per image checked: the model, its copy and each layer group
-            metrics["metric_passes"]["randomization"] = {"forward": runs, "backward": runs}
-        elif randomization:
-            found.skipped.append(name)
+        if randomization:
+            _add_randomization(found, name, metrics, model=model, scored=scored, source=source, seed=seed)
         found.metrics[name] = metrics
     for kind in BASELINES:
         found.metrics[kind] = {
             **quality(baseline_source(kind, seed=seed)),
             "passes": {"forward": 0, "backward": 0},
-            "metric_passes": metric_passes(quality_steps),
+            "metric_passes": metric_passes(quality_steps, road_steps),
         }
     found.randomization_images = min(scored.n, RANDOMIZATION_IMAGES) if found.curves else 0
     return found
+
+
+def method_passes(name: str, *, size: int, settings: dict) -> dict:
+    """Method `name`'s forward and backward passes per image at a size x size input, and in words."""
+    m = METHODS[name]
+    forward = m.passes(size=size, **settings)
+    return {"forward": forward, "backward": forward if m.backward else 0, "what": m.cost}
+
+
+def _add_randomization(found: SaliencyScores, name: str, metrics: dict, *, model, scored, source, seed: int):
+    """Method `name`'s randomisation check into `found` (its curve) and `metrics` (rho, passes), or its
+    name into found.skipped where too costly (see _randomization)."""
+    passes = metrics["passes"]
+    curve = _randomization(model, scored, source=source, passes=passes["forward"], seed=seed)
+    if curve is None:
+        found.skipped.append(name)
+        return
+    found.curves[name] = curve
+    metrics["randomization_rho"] = curve[-1][1]  # all layers re-initialised
+    runs = len(curve) + 1  # per image checked: the model, its copy and each layer group
+    metrics["metric_passes"]["randomization"] = {k: passes[k] * runs for k in ("forward", "backward")}
 
 
 def method_source(name: str, *, seed: int, batch_size: int, settings: dict):
@@ -527,10 +716,18 @@ def baseline_source(kind: str, *, seed: int):
 
 
 def _score_method(name: str, model: nn.Module, shown: Predicted, *, scored, source, quality, batch_size: int):
-    """One method's maps of the shown images and its scores on the scored ones, timed together.
-    Returns (metrics, maps)."""
+    """One method's maps of the shown images and its scores on the scored ones, timed together
+    (seconds_per_image) and the maps alone (method_seconds_per_image). Returns (metrics, maps)."""
+    in_method = []
+
+    def timed(net, x, target):
+        began = time.perf_counter()
+        maps = source(net, x, target)
+        in_method.append(time.perf_counter() - began)
+        return maps
+
     start = time.perf_counter()
-    maps = source(model, shown.x, shown.pred)
+    maps = timed(model, shown.x, shown.pred)
     extra = None
     if name == "integrated_gradients":
         extra = {
@@ -538,9 +735,13 @@ def _score_method(name: str, model: nn.Module, shown: Predicted, *, scored, sour
                 net, chunk.x, chunk.pred, maps=m, batch_size=batch_size
             )
         }
-    scores = quality(source, extra=extra)
-    seconds = (time.perf_counter() - start) / (len(shown.x) + scored.n)
-    return {**scores, "randomization_rho": None, "seconds_per_image": seconds}, maps
+    scores = quality(timed, extra=extra)
+    images = len(shown.x) + scored.n
+    seconds = {
+        "seconds_per_image": (time.perf_counter() - start) / images,
+        "method_seconds_per_image": sum(in_method) / images,
+    }
+    return {**scores, "randomization_rho": None, **seconds}, maps
 
 
 def _randomization(model: nn.Module, scored: ScoredImages, *, source, passes: int, seed: int) -> list | None:
@@ -605,57 +806,110 @@ def _mean(entry: dict, key: str) -> float | None:
 
 
 HEADLINE = ("deletion_auc", "pointing_game")  # faithfulness and localisation; the rest: quality.json
+# The scores the quality figure compares, how it names them and which way is better (IG's completeness
+# error, a check of one method, is in quality.json and quality.csv only).
+SCORES = {
+    "deletion_auc": "deletion AUC \u2193",
+    "insertion_auc": "insertion AUC \u2191",
+    "road_morf": "ROAD MoRF \u2193",
+    "road_lerf": "ROAD LeRF \u2191",
+    "pointing_game": "pointing game \u2191",
+    "mass_inside": "mass inside \u2191",
+}
+# How the tables name the baselines.
+BASELINE_LABELS = {"random": "random map (baseline)", "center": "centre prior (baseline)"}
+RANK_BY = "deletion_auc"  # the tables' order: best (lowest) first
 
 
 def headline_metrics(full: dict, *, methods: list[str]) -> dict:
     """The declared metrics (metrics/saliency.json) out of the full results (the stage's quality.json):
     per method of `methods` and the random baseline, the mean deletion AUC and, where object masks exist,
-    the mean pointing game. A score that does not apply is left out, never NaN."""
+    the mean pointing game; the CAM methods' grid side (gradcam_grid) where one ran. A score that does not
+    apply is left out, never NaN; no timings (they differ per run)."""
     out = {}
     for name in [*methods, "random"]:
         means = {key: _mean(full[name], key) for key in HEADLINE}
         out[name] = {key: v for key, v in means.items() if v is not None}
+    if "gradcam_layer" in full:
+        out["gradcam_grid"] = full["gradcam_layer"]["grid"][0]
     return out
 
 
+def _scores(entry: dict) -> list[str]:
+    """The scores with an interval in a method's or baseline's entry."""
+    return [key for key, v in entry.items() if isinstance(v, dict) and "low" in v]
+
+
+def ranked(metrics: dict) -> list[str]:
+    """The methods and baselines of `metrics` (the entries with scores), best RANK_BY first (those without
+    it last, in order)."""
+    names = [name for name, entry in metrics.items() if isinstance(entry, dict) and _scores(entry)]
+    worst = float("inf")
+    return sorted(
+        names, key=lambda n: worst if _mean(metrics[n], RANK_BY) is None else _mean(metrics[n], RANK_BY)
+    )
+
+
 def quality_table(metrics: dict) -> pd.DataFrame:
-    """One row per method (or baseline) and score with an interval: method, metric, mean, low, high."""
+    """One row per method (or baseline) and score with an interval: method, metric, mean, low, high; the
+    methods in ranked() order (best deletion AUC first)."""
     rows = [
-        (name, metric, v["mean"], v["low"], v["high"])
-        for name, entry in metrics.items()
-        for metric, v in entry.items()
-        if isinstance(v, dict) and "low" in v
+        (name, metric, *(metrics[name][metric][k] for k in ("mean", "low", "high")))
+        for name in ranked(metrics)
+        for metric in _scores(metrics[name])
     ]
     return pd.DataFrame(rows, columns=["method", "metric", "mean", "low", "high"])
 
 
 def quality_table_text(metrics: dict) -> str:
-    """The log's table of the methods' and baselines' headline scores; n/a where a score does not
-    apply (no pointing game without object masks, no randomisation check for a baseline)."""
-
-    def cell(value: float | None, width: int, fmt: str) -> str:
-        return f"{'n/a' if value is None else format(value, fmt):>{width}}"
-
-    lines = [
-        f"  {'method':22} {'deletion AUC':>13} {'insertion AUC':>14} {'pointing':>9} {'rand. rho':>10}",
-        f"  {'':22} {'(low = good)':>13} {'(high = good)':>14} {'(hits)':>9} {'(low = good)':>10}",
-    ]
-    for name, entry in metrics.items():
-        lines.append(
-            f"  {name:22} {cell(_mean(entry, 'deletion_auc'), 13, '.3f')} "
-            f"{cell(_mean(entry, 'insertion_auc'), 14, '.3f')} {cell(_mean(entry, 'pointing_game'), 9, '.2f')} "
-            f"{cell(_mean(entry, 'randomization_rho'), 10, '.2f')}"
-        )
+    """The log's table of the methods' and baselines' headline scores, best deletion AUC first; n/a where
+    a score does not apply (no pointing game without object masks, no ROAD with road_steps 0, no
+    randomisation check for a baseline)."""
+    columns = (
+        ("deletion_auc", "deletion AUC", "(low = good)", ".3f"),
+        ("insertion_auc", "insertion AUC", "(high = good)", ".3f"),
+        ("road_morf", "ROAD MoRF", "(low = good)", ".3f"),
+        ("road_lerf", "ROAD LeRF", "(high = good)", ".3f"),
+        ("pointing_game", "pointing", "(hits)", ".2f"),
+        ("randomization_rho", "rand. rho", "(low = good)", ".2f"),
+    )
+    head = [f"  {'method':22}", f"  {'':22}"]
+    for _, title, better, _ in columns:
+        width = max(len(title), len(better)) + 1
+        head = [head[0] + f"{title:>{width}}", head[1] + f"{better:>{width}}"]
+    lines = head
+    for name in ranked(metrics):
+        cells = [f"  {name:22}"]
+        for key, title, better, fmt in columns:
+            value = _mean(metrics[name], key)
+            cells.append(
+                f"{'n/a' if value is None else format(value, fmt):>{max(len(title), len(better)) + 1}}"
+            )
+        lines.append("".join(cells))
     return "\n".join(lines)
 
 
 def full_results(
-    scores: SaliencyScores, *, shown: Predicted, scored: ScoredImages, device: str, seconds: float
+    scores: SaliencyScores,
+    *,
+    shown: Predicted,
+    scored: ScoredImages,
+    device: str,
+    seconds: float,
+    cam_layer=None,
 ) -> dict:
     """Everything the saliency stage measured (its quality.json): score_methods' metrics per method and
-    baseline, then the images, masks, randomisation check, device and the stage's seconds."""
+    baseline, then the CAM methods' layer (cam_layer, an attribution.CamLayer: name, grid and what was
+    asked, where a CAM method ran), the images, masks, randomisation check, device and the stage's
+    seconds."""
+    layer = {}
+    if cam_layer is not None and any(name in METHODS and METHODS[name].cam for name in scores.metrics):
+        layer = {
+            "gradcam_layer": {"name": cam_layer.name, "grid": list(cam_layer.grid), "asked": cam_layer.asked}
+        }
     return {
         **scores.metrics,
+        **layer,
         "n_images": len(shown.x),
         "n_quality_images": scored.n,
         "masks": scored.masks is not None,
@@ -664,3 +918,18 @@ def full_results(
         "device": device,
         "seconds": round(seconds, 2),
     }
+
+
+def summary_text(full: dict) -> str:
+    """The saliency stage's closing log, from its full results: what was explained and scored, where, in
+    how long, the CAM layer, the randomisation checks skipped, then quality_table_text()."""
+    masks = " with masks" if full["masks"] else ""
+    layer = full.get("gradcam_layer")
+    cams = f"; CAM layer {layer['name']} ({layer['grid'][0]} x {layer['grid'][1]})" if layer else ""
+    skipped = ", ".join(full["randomization_skipped"])
+    note = f"; randomisation check skipped for {skipped} (over {RANDOMIZATION_MAX_PASSES_CPU} pass per image on a CPU)"
+    metrics = {name: full[name] for name in ranked(full)}
+    return (
+        f"saliency: {full['n_images']} images explained, quality on {full['n_quality_images']} val images{masks}, "
+        f"{full['device']}, {full['seconds']:.1f} s{cams}{note if skipped else ''}\n{quality_table_text(metrics)}"
+    )

@@ -8,6 +8,7 @@ LayerGradCam + interpolate 1e-6 relative to the map's max (float32).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -206,14 +207,14 @@ def test_ig_with_many_steps_agrees_with_captum_default_gauss_legendre():
     assert (err["rel"] < 0.1).all()
 
 
-# ---------------------------------------------------------------- Grad-CAM
+# ---------------------------------------------------------------- Grad-CAM and its layer
 
 
 def test_gradcam_matches_captum_layergradcam_on_resnet_layer4(resnet):
     captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
     x = images(side=96)  # layer4 is 3 x 3 here
     pred, _ = predictions(resnet, x)
-    ours = A.gradcam(resnet, x, pred)
+    ours = A.gradcam(resnet, x, pred, layer="layer4")
     cam = captum_attr.LayerGradCam(resnet, resnet.layer4).attribute(x, target=pred, relu_attributions=True)
     theirs = captum_attr.LayerAttribution.interpolate(cam, (96, 96), interpolate_mode="bilinear")
     assert ours.shape == (3, 1, 96, 96) and (ours >= 0).all()
@@ -221,14 +222,14 @@ def test_gradcam_matches_captum_layergradcam_on_resnet_layer4(resnet):
     torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=1e-6 * float(theirs.detach().abs().max()))
 
 
-def test_gradcam_finds_the_last_conv_block_of_other_families_and_matches_captum():
+def test_gradcam_on_other_families_matches_captum():
     captum_attr = pytest.importorskip("captum.attr", reason="captum (test-only oracle) is not installed")
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small(num_classes=2).eval()
     assert A.default_gradcam_layer(model) is model.features[-1]
     x = images(n=2, side=64)
     pred, _ = predictions(model, x)
-    ours = A.gradcam(model, x, pred)
+    ours = A.gradcam(model, x, pred, layer=model.features[-1])
     cam = captum_attr.LayerGradCam(model, model.features[-1]).attribute(
         x, target=pred, relu_attributions=True
     )
@@ -248,6 +249,49 @@ def test_default_gradcam_layer(resnet):
         A.default_gradcam_layer(linear_model())
 
 
+# (input side, auto's layer, its grid): auto takes the deepest block whose grid is at least 7 x 7; at 16 px
+# none is, so the largest grid, the deeper of equals (maxpool and layer1 are both 4 x 4)
+AUTO = [
+    (224, "layer4", (7, 7)),
+    (190, "layer3", (12, 12)),
+    (96, "layer2", (12, 12)),
+    (48, "layer1", (12, 12)),
+]
+
+
+@pytest.mark.parametrize("size,layer,grid", [*AUTO, (16, "layer1", (4, 4))])
+def test_auto_layer_is_the_deepest_block_at_least_7_wide(resnet, size, layer, grid):
+    found = A.resolve_cam_layer(resnet, "auto", size=size)
+    sizes = A.layer_grids(resnet, ["layer1", "layer2", "layer3", "layer4"], size=size)
+    assert (found.name, found.grid, found.asked) == (layer, sizes[layer], "auto") and found.grid == grid
+    assert A.resolve_cam_layer(resnet, None, size=size) == found
+    blocks = ["layer1", "layer2", "layer3", "layer4"]
+    deeper = blocks[blocks.index(layer) + 1 :]
+    assert all(min(sizes[d]) < A.AUTO_MIN_GRID for d in deeper)
+    # the library's default is auto at the inputs' size
+    x = images(n=1, side=size)
+    torch.testing.assert_close(A.gradcam(resnet, x, [0]), A.gradcam(resnet, x, [0], layer=layer))
+
+
+def test_auto_layer_of_a_features_model():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=2).eval()
+    found = A.resolve_cam_layer(model, "auto", size=224)
+    assert found.name.startswith("features.") and min(found.grid) >= A.AUTO_MIN_GRID
+    assert found.grid == (7, 7)
+
+
+def test_a_named_layer_is_checked_against_the_model(resnet):
+    assert A.resolve_cam_layer(resnet, "layer3", size=64) == A.CamLayer("layer3", (4, 4), "layer3")
+    assert A.resolve_cam_layer(resnet, "layer4.1.conv2", size=64).grid == (2, 2)
+    for bad, why in (("layer5", "has no module of that name"), ("fc", "has no feature map")):
+        with pytest.raises(ParamsError) as err:
+            A.resolve_cam_layer(resnet, bad, size=64)
+        line = str(err.value)
+        assert "\n" not in line and f"saliency.gradcam_layer = '{bad}'" in line and why in line
+        assert "maxpool, layer1, layer2, layer3, layer4" in line
+
+
 def test_gradcam_by_layer_name_and_hooks_removed_even_on_error(resnet):
     x = images(n=1, side=64)
     pred, _ = predictions(resnet, x)
@@ -259,6 +303,240 @@ def test_gradcam_by_layer_name_and_hooks_removed_even_on_error(resnet):
     with pytest.raises(ValueError, match="not called"):
         A.gradcam(resnet, x, pred, layer=stray)
     assert not stray._forward_hooks
+
+
+# ---------------------------------------------------------------- the CAM family against pytorch-grad-cam
+
+CAMS = ["gradcam", "gradcam_plusplus", "hirescam", "layercam"]
+
+
+def grad_cam_oracle(name, model, layer, x, target):
+    """pytorch-grad-cam's map for `name` (its own hooks): (the ReLU'd map on the layer's grid, from its
+    stored activations and gradients; the full output, min-max scaled and resized by cv2)."""
+    pgc = pytest.importorskip("pytorch_grad_cam", reason="grad-cam (test-only oracle) is not installed")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cls = {"gradcam": "GradCAM", "gradcam_plusplus": "GradCAMPlusPlus", "hirescam": "HiResCAM"}
+    module = model.get_submodule(layer)
+    with getattr(pgc, cls.get(name, "LayerCAM"))(model=model, target_layers=[module]) as explainer:
+        full = explainer(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
+        stored = explainer.activations_and_grads
+        acts, grads = stored.activations[0].numpy(), stored.gradients[0].numpy()
+        grid = np.maximum(explainer.get_cam_image(x, module, None, acts, grads, False), 0)
+    return torch.from_numpy(grid), torch.from_numpy(full)
+
+
+def boosted(model, factor=1e3):
+    """A copy with the head's weights and bias times `factor`: every gradient into the body is `factor`
+    times larger (the prediction and the Grad-CAM, HiResCAM and LayerCAM maps only scale)."""
+    copy = small_resnet()
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        copy.fc.weight.mul_(factor)
+        copy.fc.bias.mul_(factor)
+    return copy
+
+
+@pytest.mark.parametrize("name", CAMS)
+@pytest.mark.parametrize("layer", ["layer2", "layer3"])
+def test_cam_family_matches_pytorch_grad_cam(resnet, name, layer):
+    """On the layer's grid, before any upsampling: within 1e-6 of each image's map max (float32 rounding;
+    measured 4e-7). Grad-CAM++ on a model whose head is 1000 times larger: 1e-4 (measured 2e-5), because
+    pytorch-grad-cam adds 1e-6 to alpha's denominator 2 g^2 + sum(A) g^3 and we do not (the authors'
+    code only replaces a zero denominator): with this model's gradients, g ~ 2e-3, the 1e-6 changes alpha
+    by up to ~10%, with the boosted head's g ~ 2 by ~1e-7 (the hand-written check below shows that the
+    1e-6 is the whole difference). The full maps: pytorch-grad-cam min-max scales the grid, resizes it
+    with cv2 (bilinear, half-pixel centres, as torch's align_corners=False) and min-max scales again,
+    which equals min-max scaling our upsampled map: within 1e-5 (its 1e-7 in the scaling's divisor)."""
+    model = boosted(resnet) if name == "gradcam_plusplus" else resnet
+    x = images(n=3, side=64)
+    pred, _ = predictions(model, x)
+    grid, full = grad_cam_oracle(name, model, layer, x, pred)
+    ours = A.cam(model, x, pred, rule=name, layer=layer, upsample=False)[:, 0]
+    assert ours.shape == grid.shape == (3, *A.layer_grids(model, [layer], size=64)[layer])
+    scale = grid.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    assert ((ours - grid).abs() / scale).max() <= (1e-4 if name == "gradcam_plusplus" else 1e-6)
+    up = A.cam(model, x, pred, rule=name, layer=layer)[:, 0]
+    low = up.flatten(1).amin(1).view(-1, 1, 1)
+    scaled = (up - low) / (1e-7 + (up - low).flatten(1).amax(1).view(-1, 1, 1))
+    assert (scaled - full).abs().max() <= (1e-3 if name == "gradcam_plusplus" else 1e-5)
+
+
+def test_gradcam_plusplus_differs_from_pytorch_grad_cam_only_by_its_epsilon(resnet):
+    """pytorch-grad-cam's Grad-CAM++ on the unboosted model is ours with 1e-6 added to alpha's
+    denominator (within 1e-6 of the map max): the one deliberate difference."""
+    x = images(n=3, side=64)
+    pred, _ = predictions(resnet, x)
+    grid, _ = grad_cam_oracle("gradcam_plusplus", resnet, "layer2", x, pred)
+    acts, grads = A.layer_gradients(resnet, x, pred, layer=resnet.layer2)
+    g2 = grads * grads
+    alpha = torch.where(grads != 0, g2 / (2 * g2 + acts.sum((2, 3), keepdim=True) * g2 * grads + 1e-6), 0.0)
+    weights = (alpha * torch.relu(grads)).sum((2, 3), keepdim=True)
+    with_eps = torch.relu((weights * acts).sum(1))
+    scale = grid.flatten(1).amax(1).view(-1, 1, 1)
+    assert ((with_eps - grid).abs() / scale).max() <= 1e-6
+    ours = A.cam(resnet, x, pred, rule="gradcam_plusplus", layer="layer2", upsample=False)[:, 0]
+    assert ((ours - grid).abs() / scale).max() > 1e-3  # the epsilon matters at these gradients
+
+
+def test_cam_rules_by_hand():
+    """A 1-channel, 2 x 2 layer: Grad-CAM weights by the mean gradient, HiResCAM and LayerCAM per location,
+    Grad-CAM++ by alpha = g^2 / (2 g^2 + sum(A) g^3) times ReLU(g)."""
+    acts = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    grads = torch.tensor([[[[0.5, -1.0], [0.0, 2.0]]]])
+    assert A.CAM_RULES["gradcam"](acts, grads).flatten().tolist() == [0.375, 0.75, 1.125, 1.5]
+    assert A.CAM_RULES["hirescam"](acts, grads).flatten().tolist() == [0.5, -2.0, 0.0, 8.0]
+    assert A.CAM_RULES["layercam"](acts, grads).flatten().tolist() == [0.5, 0.0, 0.0, 8.0]
+    # sum(A) = 10: alpha = 0.25 / (0.5 + 1.25) at 0.5, 4 / (8 + 80) at 2, 0 where g = 0
+    weight = 0.25 / 1.75 * 0.5 + 4 / 88 * 2
+    expected = [weight * a for a in (1.0, 2.0, 3.0, 4.0)]
+    torch.testing.assert_close(A.CAM_RULES["gradcam_plusplus"](acts, grads).flatten(), torch.tensor(expected))
+
+
+# ---------------------------------------------------------------- captum's occlusion and GradientSHAP
+
+
+class ChannelSum(nn.Module):
+    """logits = [sum of all pixels of all channels weighted by w (3 x H x W), 0]."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        s = (x * self.w).flatten(1).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+def test_occlusion_of_a_linear_model_by_hand():
+    """Non-overlapping 2 x 2 windows on a 4 x 4 image: each pixel's value is the logit drop when its
+    window (all channels) is set to 0, sum(w * x) over the window."""
+    g = torch.Generator().manual_seed(0)
+    model = ChannelSum(torch.randn(3, 4, 4, generator=g))
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    maps = A.occlusion(model, x, [0, 0], window=2, stride=2)
+    contrib = (x * model.w.detach()).sum(1)  # N x 4 x 4
+    drop = contrib.view(2, 2, 2, 2, 2).sum((2, 4))  # per window
+    expected = drop.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None]
+    assert maps.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_occlusion_runs_the_passes_its_cost_says():
+    class Counting(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.images = inner, 0
+
+        def forward(self, x):
+            self.images += x.shape[0]
+            return self.inner(x)
+
+    model = Counting(small_resnet())
+    x = images(n=2, side=48)
+    A.occlusion(model, x, [0, 1], window=8, stride=4, batch_size=16)
+    settings = {"occlusion_window": 8, "occlusion_stride": 4}
+    assert A.occlusion_windows(48, window=8, stride=4) == 11**2
+    assert model.images == 2 * A.METHODS["occlusion"].passes(size=48, **settings) == 2 * (1 + 121)
+    assert A.METHODS["occlusion"].passes(**settings) == 1 + 55**2  # 224 px unless told
+    assert A.occlusion_windows(20, window=32, stride=16) == 1  # the window is clipped to the image
+
+
+def test_gradient_shap_is_captum_with_our_draws(resnet):
+    """The adapter is captum's GradientShap, given the baselines and the numpy seed drawn from the
+    generator, image by image: recomputed here by hand, equal."""
+    from captum.attr import GradientShap
+
+    x = images(n=2, side=32)
+    pred, _ = predictions(resnet, x)
+    ours = A.gradient_shap(resnet, x, pred, samples=4, seed=5)
+    gen, by_hand = torch.Generator().manual_seed(5), []
+    for i in range(2):
+        base = A.shap_baselines(x[i : i + 1], generator=gen)
+        draw = int(torch.randint(2**31 - 1, (1,), generator=gen))
+        np.random.seed(draw)
+        torch.manual_seed(draw)
+        attr = GradientShap(resnet).attribute(
+            x[i : i + 1], baselines=base, n_samples=4, stdevs=0.0, target=pred[i : i + 1]
+        )
+        by_hand.append(attr.detach())
+    torch.testing.assert_close(ours, torch.cat(by_hand))
+    # draws go image by image: with samples <= batch_size the batching of the images does not matter
+    one, two = (
+        A.explain("gradient_shap", resnet, x, target=pred, seed=5, batch_size=bs, gradshap_samples=1)
+        for bs in (1, 2)
+    )
+    torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_shap_leaves_the_global_generators_alone_and_sums_to_the_output_difference():
+    """Completeness in expectation: for a linear model, sum(attr) = f(x) - mean over the drawn baselines of
+    f(b); with many draws that tends to f(x) - the mean of f over the 8 baselines."""
+    g = torch.Generator().manual_seed(0)
+    model = ChannelSum(torch.randn(3, 8, 8, generator=g))
+    x = torch.randn(1, 3, 8, 8, generator=g)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy())
+    attr = A.gradient_shap(model, x, [0], samples=2000, seed=1, batch_size=500)
+    assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
+    base = A.shap_baselines(x, generator=torch.Generator().manual_seed(1))
+    f = lambda t: model(t)[:, 0].detach()  # noqa: E731
+    spread = float(f(base).std())
+    assert abs(float(attr.sum()) - float(f(x) - f(base).mean())) < 0.1 * spread
+
+
+def test_library_adapters_import_captum_only_when_run():
+    import subprocess
+    import sys
+
+    code = "import sys, cnnlens.attribution, cnnlens.quality; print('captum' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- every method: shape, target, seed
+
+SHAPES = {"gradient": 3, "smoothgrad": 3, "integrated_gradients": 3, "gradient_shap": 3, "occlusion": 1}
+FAST = {
+    "smoothgrad_samples": 3,
+    "ig_steps": 4,
+    "gradshap_samples": 3,
+    "occlusion_window": 8,
+    "occlusion_stride": 8,
+}
+
+
+@pytest.mark.parametrize("name", list(A.METHODS))
+def test_every_method_shape_target_and_seed(resnet, name):
+    x = images(n=2, side=48)
+    explain = lambda target, seed=0, bs=2: A.explain(  # noqa: E731
+        name, resnet, x, target=torch.tensor(target), seed=seed, batch_size=bs, **FAST
+    )
+    maps = explain([0, 0])
+    assert maps.shape == (2, SHAPES.get(name, 1), 48, 48) and maps.dtype == torch.float32
+    assert torch.isfinite(maps).all() and maps.abs().amax((1, 2, 3)).min() > 0
+    assert not torch.allclose(maps, explain([1, 1]))  # the map explains the class asked for
+    if not A.METHODS[name].seeded:  # batching changes nothing (occlusion: logit differences, rounded)
+        torch.testing.assert_close(
+            explain([0, 0], bs=1), maps, rtol=1e-4, atol=2e-5 if name == "occlusion" else 1e-6
+        )
+    assert torch.equal(explain([0, 0]), maps)  # deterministic under the seed
+    if A.METHODS[name].seeded:
+        assert not torch.allclose(explain([0, 0], seed=1), maps)
+
+
+def test_settings_validate_and_methods_register_with_config():
+    from cnnlens.config import parse_params
+
+    with pytest.raises(TypeError, match="unknown method setting"):
+        A.attribute("gradient", small_resnet(), images(n=1, side=32), target=[0], gradcam_layr="layer3")
+    parsed = parse_params({"saliency": {"methods": list(A.METHODS), "gradcam_layer": "layer3"}})
+    assert parsed.saliency.methods == list(A.METHODS) and parsed.saliency.gradcam_layer == "layer3"
+    assert {"gradcam_plusplus", "hirescam", "layercam", "occlusion", "gradient_shap"} <= set(A.METHODS)
+    assert set(A.SETTINGS) - {"gradcam_layer"} <= {
+        f.name for f in __import__("dataclasses").fields(parsed.saliency)
+    }
 
 
 # ---------------------------------------------------------------- the model is left alone
@@ -316,13 +594,32 @@ def test_attribute_and_explain_take_plain_settings():
 
 
 def test_passes_and_descriptions_take_plain_settings():
-    passes = {name: m.passes(ig_steps=20, smoothgrad_samples=9) for name, m in A.METHODS.items()}
-    assert passes == {"gradient": 1, "gradcam": 1, "smoothgrad": 9, "integrated_gradients": 20}
+    settings = {"ig_steps": 20, "smoothgrad_samples": 9, "gradshap_samples": 7, "size": 48}
+    passes = {
+        name: m.passes(**settings, occlusion_window=8, occlusion_stride=4) for name, m in A.METHODS.items()
+    }
+    assert passes == {
+        "gradient": 1,
+        "smoothgrad": 9,
+        "integrated_gradients": 20,
+        "gradcam": 1,
+        "gradcam_plusplus": 1,
+        "hirescam": 1,
+        "layercam": 1,
+        "occlusion": 122,
+        "gradient_shap": 7,
+    }
+    assert [n for n, m in A.METHODS.items() if not m.backward] == ["occlusion"]
+    assert [n for n, m in A.METHODS.items() if m.seeded] == ["smoothgrad", "gradient_shap"]
     defaults = {name: m.passes() for name, m in A.METHODS.items()}  # the library's own defaults
     assert defaults["smoothgrad"] == A.SMOOTHGRAD_SAMPLES and defaults["integrated_gradients"] == A.IG_STEPS
     assert "9 noisy copies" in A.METHODS["smoothgrad"].describe(smoothgrad_samples=9, smoothgrad_sigma=0.2)
     assert "20 steps" in A.METHODS["integrated_gradients"].describe(ig_steps=20)
     assert A.pixel_note("gradient", None, None) == "max over R, G, B"
+    model, x = small_resnet(), images(n=1, side=48)
+    assert A.pixel_note("layercam", model, x) == "a 12 x 12 grid (layer1), upsampled"
+    assert A.pixel_note("gradcam", model, x, gradcam_layer="layer3") == "a 3 x 3 grid (layer3), upsampled"
+    assert "layer3's feature maps" in A.METHODS["hirescam"].describe(gradcam_layer="layer3")
 
 
 # ---------------------------------------------------------------- normalise, combine, predict

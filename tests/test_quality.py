@@ -1,4 +1,5 @@
-"""cnnlens/quality.py against hand-computed cases, scipy and normal theory."""
+"""cnnlens/quality.py against hand-computed cases, scipy, normal theory and pytorch-grad-cam's ROAD (grad-cam,
+a test-only oracle)."""
 
 from __future__ import annotations
 
@@ -347,16 +348,199 @@ def test_headline_metrics_and_the_log_table_leave_out_what_does_not_apply():
     headline = Q.headline_metrics(full, methods=["gradient", "gradcam"])
     assert headline["gradient"]["pointing_game"] == 0.75 and "pointing_game" not in headline["gradcam"]
     text = Q.quality_table_text({k: v for k, v in full.items() if k in ("gradient", "gradcam", "random")})
-    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:]}
-    assert rows == {
-        "gradient": ["0.200", "0.700", "0.75", "0.10"],
-        "gradcam": ["0.300", "0.600", "n/a", "n/a"],
-        "random": ["0.500", "0.500", "n/a", "n/a"],
-    }
-    assert "nan" not in text
+    rows = [[line.split()[0], line.split()[1:]] for line in text.splitlines()[2:]]
+    assert rows == [  # best deletion AUC first; no ROAD here
+        ["gradient", ["0.200", "0.700", "n/a", "n/a", "0.75", "0.10"]],
+        ["gradcam", ["0.300", "0.600", "n/a", "n/a", "n/a", "n/a"]],
+        ["random", ["0.500", "0.500", "n/a", "n/a", "n/a", "n/a"]],
+    ]
+    assert "nan" not in text and "ROAD MoRF" in text.splitlines()[0]
     table = Q.quality_table({"gradient": full["gradient"]})
     assert table.values.tolist() == [
         ["gradient", "deletion_auc", 0.2, 0.1, 0.30000000000000004],
         ["gradient", "insertion_auc", 0.7, 0.6, 0.7999999999999999],
         ["gradient", "pointing_game", 0.75, 0.65, 0.85],
     ]
+
+
+def test_tables_are_sorted_best_deletion_first_and_the_headline_holds_road_and_the_cam_grid():
+    ci = lambda m: {"mean": m, "low": m - 0.1, "high": m + 0.1, "n": 4}  # noqa: E731
+    metrics = {
+        "gradcam": {"deletion_auc": ci(0.6), "road_morf": ci(0.5), "road_lerf": ci(0.7), "passes": {}},
+        "gradient": {"deletion_auc": ci(0.2), "road_morf": ci(0.3), "road_lerf": ci(0.8), "passes": {}},
+        "random": {"deletion_auc": ci(0.5), "road_morf": ci(0.6), "road_lerf": ci(0.6), "passes": {}},
+        "center": {"insertion_auc": ci(0.4), "passes": {}},  # no deletion AUC: last
+    }
+    assert Q.ranked(metrics) == ["gradient", "random", "gradcam", "center"]
+    table = Q.quality_table(metrics)
+    assert list(dict.fromkeys(table.method)) == ["gradient", "random", "gradcam", "center"]
+    assert table[table.method == "gradcam"].metric.tolist() == ["deletion_auc", "road_morf", "road_lerf"]
+    full = {**metrics, "gradcam_layer": {"name": "layer1", "grid": [12, 12], "asked": "auto"}, "seconds": 2.0}
+    headline = Q.headline_metrics(full, methods=["gradcam", "gradient"])
+    assert headline["gradcam"] == {"deletion_auc": 0.6, "road_morf": 0.5, "road_lerf": 0.7}
+    assert headline["gradcam_grid"] == 12 and list(headline) == [
+        "gradcam",
+        "gradient",
+        "random",
+        "gradcam_grid",
+        "seconds",
+    ]
+    assert all(isinstance(v, (int, float)) for v in headline["gradcam"].values())  # DVC metrics: numbers only
+
+
+# ---------------------------------------------------------------- ROAD
+
+
+def grad_cam_road():
+    """pytorch-grad-cam's ROAD pieces (test-only oracle)."""
+    road = pytest.importorskip(
+        "pytorch_grad_cam.metrics.road", reason="grad-cam (test-only oracle) is not installed"
+    )
+    from pytorch_grad_cam.metrics import perturbation_confidence as pc
+
+    return road, pc
+
+
+def test_imputation_matches_pytorch_grad_cam_noisy_linear_imputer():
+    """The same linear system (ROAD's neighbour weights), solved in float64 by both (SuperLU, different
+    orderings): equal to float32 rounding, 1e-6 (measured 1.2e-7)."""
+    road, _ = grad_cam_road()
+    g = torch.Generator().manual_seed(0)
+    for shape, share in (((3, 40, 40), 0.3), ((3, 17, 23), 0.9), ((1, 8, 8), 0.05)):
+        img = torch.randn(*shape, generator=g)
+        removed = torch.rand(shape[1:], generator=g) < share
+        ours = Q.noisy_linear_impute(img, removed, noise=0.0)
+        theirs = road.NoisyLinearImputer(noise=0.0)(img, (~removed).float())  # its mask: 1 = kept
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        assert torch.equal(ours[:, ~removed], img[:, ~removed])
+
+
+def test_imputation_by_hand_and_its_noise():
+    img = torch.arange(25.0).view(1, 5, 5)
+    removed = torch.zeros(5, 5, dtype=torch.bool)
+    removed[2, 2] = removed[0, 0] = True
+    out = Q.noisy_linear_impute(img, removed, noise=0.0)
+    # inside: the weighted mean of the 8 neighbours (1/6 direct, 1/12 diagonal) of a linear ramp = the centre
+    assert out[0, 2, 2].item() == pytest.approx(12.0)
+    # a corner has 3 neighbours: (1/6 * 1 + 1/6 * 5 + 1/12 * 6) / (5/12)
+    assert out[0, 0, 0].item() == pytest.approx((1 / 6 + 5 / 6 + 6 / 12) / (5 / 12))
+    big = torch.zeros(3, 64, 64)
+    removed = torch.rand(64, 64, generator=torch.Generator().manual_seed(1)) < 0.5
+    noisy = Q.noisy_linear_impute(big, removed, noise=0.01, generator=torch.Generator().manual_seed(2))
+    again = Q.noisy_linear_impute(big, removed, noise=0.01, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(noisy, again) and torch.equal(noisy[:, ~removed], big[:, ~removed])
+    assert noisy[:, removed].std().item() == pytest.approx(0.01, rel=0.05)  # imputed 0 + N(0, 0.01^2)
+    with pytest.raises(ValueError, match="every pixel"):
+        Q.noisy_linear_impute(big, torch.ones(64, 64, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("order", ["morf", "lerf"])
+def test_road_matches_pytorch_grad_cam_per_percentile(order):
+    """ROAD on the same maps and model, no noise, against pytorch-grad-cam's ROADMostRelevantFirst /
+    ROADLeastRelevantFirst at percentiles 90, 80, .. 10 (our fractions 10% .. 90% removed) with the
+    softmax target: the same probabilities to 1e-5. At 40 x 40 its percentile threshold removes exactly
+    our rounded count; at other sizes they can differ by a pixel, and on tied map values it removes every
+    tie at the threshold where we break ties at random. Its mean over percentiles (ROAD*Average) is our
+    score less the unperturbed probability it subtracts."""
+    _, pc = grad_cam_road()
+    road = pytest.importorskip("pytorch_grad_cam.metrics.road")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    model = small_resnet()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 40, 40, generator=g)
+    pred, prob = predictions(model, x)
+    maps = torch.rand(2, 40, 40, generator=g)
+    ours = Q.road(model, x, pred, maps=maps, steps=9, noise=0.0, batch_size=5)
+    remove = pc.RemoveMostRelevantFirst if order == "morf" else pc.RemoveLeastRelevantFirst
+    targets = [ClassifierOutputSoftmaxTarget(int(t)) for t in pred]
+    theirs = torch.stack(
+        [
+            torch.from_numpy(
+                pc.PerturbationConfidenceMetric(remove(p, road.NoisyLinearImputer(noise=0.0)))(
+                    x, maps.numpy(), targets, model, return_diff=False
+                )
+            )
+            for p in (90, 80, 70, 60, 50, 40, 30, 20, 10)
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(ours[f"{order}_curve"], theirs, rtol=0, atol=1e-5)
+    diff = (theirs - prob[:, None]).mean(1)  # what ROAD*Average returns (return_diff=True)
+    torch.testing.assert_close(ours[order] - prob, diff, rtol=0, atol=1e-5)
+    assert Q.road_fractions(9).tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+
+
+def test_road_ranks_a_map_that_follows_the_model_above_the_baselines():
+    """MeanPixelModel reads channel 0's mean: removing the brightest pixels first (a map = channel 0)
+    and imputing them from their darker neighbours lowers the probability faster than removing random or
+    central ones (MoRF lower), and removing the darkest first keeps it higher (LeRF higher)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 16, 16, generator=g)
+    target = torch.zeros(4, dtype=torch.long)
+    score = lambda maps: Q.road(  # noqa: E731
+        MeanPixelModel(), x, target, maps=maps, steps=4, seed=0
+    )
+    good = score(x[:, 0])
+    one = lambda i: Q.road(MeanPixelModel(), x[i : i + 1], target[:1], maps=x[i : i + 1, 0], steps=4)  # noqa: E731
+    for baseline in (
+        Q.random_maps(4, 16, 16, generator=torch.Generator().manual_seed(2)),
+        Q.center_prior_maps(4, 16, 16),
+    ):
+        base = score(baseline)
+        assert (good["morf"] < base["morf"]).all() and (good["lerf"] > base["lerf"]).all()
+    assert good["morf_curve"].shape == (4, 4) and Q.road_passes(4) == 8
+    assert torch.equal(score(x[:, 0])["morf"], good["morf"])  # seeded: the same noise and tie order
+    one_by_one = torch.cat([one(i)["morf"] for i in range(4)])
+    assert torch.equal(one_by_one, good["morf"])  # an image's score does not depend on its batch
+
+
+def test_score_maps_adds_road_for_methods_and_baselines_alike():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 3, 12, 12, generator=g)
+    pred = torch.zeros(3, dtype=torch.long)
+    model = MeanPixelModel()
+    kw = {"steps": 4, "seed": 3, "batch_size": 4, "road_steps": 3}
+    for source in (Q.baseline_source("random", seed=3), lambda net, xx, t: xx[:, 0].clone()):
+        scores = Q.score_maps(model, [Chunk(x, pred)], source, bootstrap=30, **kw)
+        assert list(scores) == ["deletion_auc", "insertion_auc", "road_morf", "road_lerf"]
+        found = Q.road(model, x, pred, maps=source(model, x, pred), steps=3, seed=3)
+        assert scores["road_morf"] == Q.bootstrap_ci(found["morf"], n_resamples=30, seed=3)
+    assert Q.metric_passes(4, 3) == {
+        "deletion_insertion": {"forward": 10, "backward": 0},
+        "road": {"forward": 6, "backward": 0},
+    }
+    assert "road" not in Q.metric_passes(4)
+
+
+# ---------------------------------------------------------------- the randomisation check, every method
+
+
+@pytest.mark.parametrize(
+    "name", ["gradcam", "gradcam_plusplus", "hirescam", "layercam", "occlusion", "gradient_shap"]
+)
+def test_every_new_method_moves_when_the_weights_are_reinitialised(name):
+    """quality.randomization_check with the method as the stage runs it (attribution.explain, seeded):
+    the unmodified copy gives the same maps (rho 1), and the maps move once layers are re-initialised."""
+    model = small_resnet()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pred, _ = predictions(model, x)
+    settings = {
+        "gradshap_samples": 3,
+        "occlusion_window": 8,
+        "occlusion_stride": 8,
+        "gradcam_layer": "layer2",
+    }
+    source = Q.method_source(name, seed=0, batch_size=8, settings=settings)
+    curve = Q.randomization_check(model, x, pred, method_fn=source, seed=0)
+    assert [layer for layer, _ in curve] == [
+        "original",
+        "fc",
+        "layer4",
+        "layer3",
+        "layer2",
+        "layer1",
+        "conv1+bn1",
+    ]
+    assert curve[0][1] == pytest.approx(1.0)
+    assert min(rho for _, rho in curve[1:]) < 0.9  # the map moves

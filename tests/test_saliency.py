@@ -1,4 +1,4 @@
-"""The saliency stage end to end on a tiny prepared dir with object masks, checked against
+"""The saliency stage end to end on a tiny prepared dir with object masks, every method, checked against
 cnnlens.attribution recomputed here, captum (test-only oracle) and hand-computed baselines."""
 
 from __future__ import annotations
@@ -18,14 +18,19 @@ from cnnlens.model import build_model, load_checkpoint, save_checkpoint
 from cnnlens.tensors import eval_inputs, load_split, select_images
 from stages import saliency as stage
 
-CROP, SIDE = 48, 56  # 48 px: Grad-CAM's layer4 grid is 2 x 2 (at 32 px it is 1 x 1, a constant map)
-METHODS = ["gradient", "smoothgrad", "integrated_gradients", "gradcam"]
+CROP, SIDE = 48, 56  # 48 px: the CAM methods' auto layer is layer1, 12 x 12 (layer4 is 2 x 2)
+METHODS = list(A.METHODS)  # every method: the defaults and the opt-in ones
+CAMS = ["gradcam", "gradcam_plusplus", "hirescam", "layercam"]
 SMALL = {
     "num_images": 3,
     "quality_images": 6,
     "smoothgrad_samples": 2,
     "ig_steps": 4,
+    "gradshap_samples": 2,
+    "occlusion_window": 16,
+    "occlusion_stride": 16,
     "quality_steps": 4,
+    "road_steps": 3,
     "bootstrap": 50,
     "batch_size": 8,
     "device": "cpu",
@@ -97,6 +102,7 @@ def test_every_declared_output_exists(full_run, project):
     for name in (
         "figures/before_after.png",
         "figures/randomization.png",
+        "figures/quality.png",
         "randomization.csv",
         "quality.csv",
         "quality.json",
@@ -114,7 +120,8 @@ def test_npz_holds_raw_maps_equal_to_gradient_and_captum(full_run, project):
     chosen = select_images(load_split(project["prepared"], "val"), [], SMALL["num_images"])
     x = eval_inputs(chosen.images, CROP)
     target = model(x).argmax(1)
-    for name, channels in (("gradient", 3), ("smoothgrad", 3), ("integrated_gradients", 3), ("gradcam", 1)):
+    for name in METHODS:
+        channels = 3 if name in ("gradient", "smoothgrad", "integrated_gradients", "gradient_shap") else 1
         z = np.load(full_run["out"] / "arrays" / f"{name}.npz")
         assert z["maps"].shape == (len(x), channels, CROP, CROP) and z["maps"].dtype == np.float32
         assert np.allclose(z["inputs"], x.numpy(), atol=1e-6)
@@ -127,6 +134,17 @@ def test_npz_holds_raw_maps_equal_to_gradient_and_captum(full_run, project):
     assert np.allclose(z["maps"], oracle.detach().numpy(), atol=1e-6, rtol=0)
     ig = np.load(full_run["out"] / "arrays" / "integrated_gradients.npz")["maps"]
     assert (ig < 0).any()  # stored raw (signed); only the figures and metrics take abs
+    # the CAM methods on the auto layer (layer1 at 48 px), occlusion and GradientSHAP with the params' settings
+    settings = {
+        "gradcam_layer": "layer1",
+        "occlusion_window": 16,
+        "occlusion_stride": 16,
+        "gradshap_samples": 2,
+    }
+    for name in [*CAMS, "occlusion", "gradient_shap"]:
+        again = A.explain(name, model, inputs, target=tgt, seed=0, batch_size=SMALL["batch_size"], **settings)
+        z = np.load(full_run["out"] / "arrays" / f"{name}.npz")["maps"]
+        assert np.allclose(z, again.numpy(), atol=1e-5 * float(np.abs(z).max()), rtol=0), name
 
 
 def test_quality_json_covers_methods_and_baselines_with_intervals(full_run):
@@ -138,7 +156,14 @@ def test_quality_json_covers_methods_and_baselines_with_intervals(full_run):
     )
     table = pd.read_csv(full_run["out"] / "quality.csv")
     for name in METHODS + ["random", "center"]:
-        for metric in ("deletion_auc", "insertion_auc", "pointing_game", "mass_inside"):
+        for metric in (
+            "deletion_auc",
+            "insertion_auc",
+            "road_morf",
+            "road_lerf",
+            "pointing_game",
+            "mass_inside",
+        ):
             ci = m[name][metric]
             assert set(ci) == {"mean", "low", "high", "n"} and ci["n"] == SMALL["quality_images"]
             assert ci["low"] <= ci["mean"] <= ci["high"]
@@ -148,9 +173,26 @@ def test_quality_json_covers_methods_and_baselines_with_intervals(full_run):
             "forward": 2 * (SMALL["quality_steps"] + 1),
             "backward": 0,
         }
-    for name, passes in (("gradient", 1), ("smoothgrad", 2), ("integrated_gradients", 4), ("gradcam", 1)):
-        assert (m[name]["passes"]["forward"], m[name]["passes"]["backward"]) == (passes, passes)
-        assert m[name]["seconds_per_image"] > 0
+        assert m[name]["metric_passes"]["road"] == {"forward": 2 * SMALL["road_steps"], "backward": 0}
+    # occlusion: 16 px windows by 16 px on 48 px: 3 x 3 windows and the image itself, no backward
+    costs = {
+        "gradient": 1,
+        "smoothgrad": 2,
+        "integrated_gradients": 4,
+        "occlusion": (10, 0),
+        "gradient_shap": 2,
+    }
+    for name in METHODS:
+        passes = costs.get(name, 1)
+        passes = passes if isinstance(passes, tuple) else (passes, passes)
+        assert (m[name]["passes"]["forward"], m[name]["passes"]["backward"]) == passes, name
+        assert m[name]["seconds_per_image"] >= m[name]["method_seconds_per_image"] > 0
+    assert m["gradcam_layer"] == {"name": "layer1", "grid": [12, 12], "asked": "auto"}
+    assert "CAM layer layer1 (12 x 12)" in full_run["stderr"]
+    # the table: every method and baseline, best deletion AUC first (quality.csv and figures/quality.png)
+    means = [m[name]["deletion_auc"]["mean"] for name in dict.fromkeys(table.method)]
+    assert list(dict.fromkeys(table.method)) == quality.ranked(m) and means == sorted(means)
+    assert set(table.method) == {*METHODS, "random", "center"}
     assert 0 <= m["integrated_gradients"]["ig_completeness_error"]["mean"]
     # hand-computed baselines: the mask (the middle half of the 56 px square, 28 x 28 px, all inside the
     # 48 px crop) holds the centre, so the centre prior always points inside; uniform noise puts about
@@ -161,11 +203,11 @@ def test_quality_json_covers_methods_and_baselines_with_intervals(full_run):
 
 def test_randomization_runs_for_one_pass_methods_on_cpu_and_says_which_it_skipped(full_run):
     m, rand = full_run["quality"], pd.read_csv(full_run["out"] / "randomization.csv")
-    assert m["randomization_skipped"] == ["smoothgrad", "integrated_gradients"]
-    assert sorted(rand.columns) == ["gradcam", "gradient", "layer", "step"]
+    assert m["randomization_skipped"] == ["smoothgrad", "integrated_gradients", "occlusion", "gradient_shap"]
+    assert sorted(rand.columns) == sorted(["gradient", *CAMS, "layer", "step"])
     assert rand.layer.tolist() == ["original", "fc", "layer4", "layer3", "layer2", "layer1", "conv1+bn1"]
     assert rand.step.tolist() == list(range(7))
-    for name in ("gradient", "gradcam"):
+    for name in ("gradient", *CAMS):
         assert rand[name].iloc[0] == pytest.approx(1.0)  # the unmodified copy gives the same map
         assert m[name]["randomization_rho"] == rand[name].iloc[-1]
     assert m["smoothgrad"]["randomization_rho"] is None
@@ -175,12 +217,13 @@ def test_randomization_runs_for_one_pass_methods_on_cpu_and_says_which_it_skippe
 
 def test_declared_metrics_are_the_headline_only(full_run):
     """metrics/saliency.json (what `dvc exp show` and `dvc metrics diff` show): per method and the random
-    map the mean deletion AUC and (masks here) pointing game; nothing else (no timings: they differ per run)."""
+    map the mean deletion AUC and (masks here) pointing game, the CAM grid side; nothing else (no timings:
+    they differ per run)."""
     m, q = full_run["metrics"], full_run["quality"]
-    assert list(m) == [*METHODS, "random"]
+    assert list(m) == [*METHODS, "random", "gradcam_grid"]
     for name in [*METHODS, "random"]:
         assert m[name] == {k: q[name][k]["mean"] for k in ("deletion_auc", "pointing_game")}
-    assert q["seconds"] > 0
+    assert q["seconds"] > 0 and m["gradcam_grid"] == 12
 
 
 def test_explicit_image_list_is_explained_in_its_order(project, tmp_path):
@@ -236,6 +279,23 @@ def test_empty_method_list_is_refused_clearly(project, tmp_path, capsys):
     )
 
 
+def test_a_named_cam_layer_is_used_and_recorded_and_a_bad_one_stops_the_stage(project, tmp_path, capsys):
+    small = {**SMALL, "methods": ["gradcam", "layercam"], "randomization": False, "before_after": False}
+    params = write_params(tmp_path / "params.yaml", {"saliency": {**small, "gradcam_layer": "layer3"}})
+    run_main(stage.main, [str(a) for a in args(project, tmp_path, params)])
+    full = json.loads((tmp_path / "plots" / "saliency" / "quality.json").read_text())
+    assert full["gradcam_layer"] == {"name": "layer3", "grid": [3, 3], "asked": "layer3"}
+    assert json.loads((tmp_path / "metrics" / "saliency.json").read_text())["gradcam_grid"] == 3
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    capsys.readouterr()  # the good run's log
+    code, err = run_cli(project, bad, capsys, gradcam_layer="layer9")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "saliency.gradcam_layer = 'layer9'" in lines[0]
+    assert "layer1, layer2, layer3, layer4" in lines[0]
+    assert not (bad / "metrics").exists() and not (bad / "plots").exists()
+
+
 def test_quality_over_all_of_val_in_chunks_equals_one_chunk(project, tmp_path, monkeypatch):
     """quality_images: 0 scores every val image; a val split larger than QUALITY_CHUNK is scored chunk by
     chunk (bounded memory). For the deterministic methods and the centre baseline the per-image scores,
@@ -266,9 +326,10 @@ def test_without_masks_the_pointing_game_is_n_a_and_left_out(project, tmp_path, 
     run_main(stage.main, [str(a) for a in args(plain, tmp_path, params)])
     err = capsys.readouterr().err
     rows = {line.split()[0]: line.split()[1:] for line in err.splitlines() if line.startswith("  ")}
-    assert rows["gradient"][2:] == ["n/a", "n/a"] and rows["center"][2] == "n/a"
+    assert rows["gradient"][4:] == ["n/a", "n/a"] and rows["center"][4] == "n/a"  # pointing, rand. rho
     assert "nan" not in err
     metrics = json.loads((tmp_path / "metrics" / "saliency.json").read_text())
     assert metrics["gradient"].keys() == metrics["random"].keys() == {"deletion_auc"}
+    assert "gradcam_grid" not in metrics  # no CAM method ran
     full = json.loads((tmp_path / "plots" / "saliency" / "quality.json").read_text())
     assert not full["masks"] and "pointing_game" not in full["gradient"]
