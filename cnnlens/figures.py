@@ -395,19 +395,13 @@ def write_method(
         inputs=shown.x.cpu().numpy().astype(np.float32),
         paths=np.array(shown.paths),
     )
-    channels, combined = display_maps(maps, normalize, percentile)
+    look = {"label": label, "note": note, "normalize": normalize, "percentile": percentile}
+    stems = unique_stems(shown.paths)
+    titles_each = [f"{label} ({description})\n{t}" for t in titles]
+    combined = write_saliency_figures(
+        out / "figures" / name, maps, images, titles=titles_each, stems=stems, **look
+    )
     scale = scale_label(normalize, percentile)
-    for i, stem in enumerate(unique_stems(shown.paths)):
-        figure = saliency_figure(
-            images[i],
-            channels[i].numpy(),
-            combined[i].numpy(),
-            title=f"{label} ({description})\n{titles[i]}",
-            method=label,
-            scale=scale,
-            map_note=note,
-        )
-        save_figure(figure, out / "figures" / name / f"{stem}.png")
     columns = [
         (f"{label} map\n({note})", combined.numpy(), False, None),
         ("overlay (colour = salient)", combined.numpy(), True, None),
@@ -417,6 +411,37 @@ def write_method(
         saliency_rows_figure(images, columns, titles, suptitle=suptitle, scale=scale),
         out / "figures" / f"{name}.png",
     )
+
+
+def write_saliency_figures(
+    folder: Path,
+    maps,
+    images: list[np.ndarray],
+    *,
+    titles: list[str],
+    stems: list[str],
+    label: str,
+    note: str,
+    normalize: str,
+    percentile: float,
+):
+    """One saliency figure per image, `folder`/<stem>.png (input, |map| per channel, combined, overlay),
+    the raw maps N x C x H x W scaled for display by display_maps(normalize, percentile). Returns the
+    combined maps, N x H x W in [0, 1]."""
+    channels, combined = display_maps(maps, normalize, percentile)
+    scale = scale_label(normalize, percentile)
+    for i, stem in enumerate(stems):
+        figure = saliency_figure(
+            images[i],
+            channels[i].numpy(),
+            combined[i].numpy(),
+            title=titles[i],
+            method=label,
+            scale=scale,
+            map_note=note,
+        )
+        save_figure(figure, folder / f"{stem}.png")
+    return combined
 
 
 def before_after_figure(

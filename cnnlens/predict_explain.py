@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cnnlens.attribution import METHODS, explain, pixel_note
-from cnnlens.figures import chw_to_hwc, display_maps, saliency_figure, save_figure, scale_label
+from cnnlens.figures import chw_to_hwc, write_saliency_figures
 from cnnlens.tensors import denormalize, eval_inputs
 
 # the display scale of params.yaml's saliency section by default (saliency.normalize, saliency.percentile)
@@ -37,45 +37,17 @@ def figure_writer(backend, methods: list[str], folder: Path, *, names: dict, see
         ]
         for name in methods:
             maps = explain(name, backend.model, x, target=target, seed=seed, batch_size=batch_size)
-            write_figures(
+            heading = f"{METHODS[name].label} ({METHODS[name].describe()})"
+            write_saliency_figures(
                 folder / name,
                 maps,
                 images,
-                titles=titles,
+                titles=[f"{heading}\n{t}" for t in titles],
                 stems=[names[p] for p in paths],
                 label=METHODS[name].label,
-                title=f"{METHODS[name].label} ({METHODS[name].describe()})",
                 note=pixel_note(name, backend.model, x),
+                normalize=NORMALIZE,
+                percentile=PERCENTILE,
             )
 
     return write
-
-
-def write_figures(
-    folder: Path,
-    maps: torch.Tensor,
-    images: list,
-    *,
-    titles: list[str],
-    stems: list[str],
-    label: str,
-    title: str,
-    note: str,
-    normalize: str = NORMALIZE,
-    percentile: float = PERCENTILE,
-) -> None:
-    """One saliency figure per image, `folder`/<stem>.png, as the saliency stage's figures/<method>/<image>.png:
-    raw maps N x C x H x W scaled for display by figures.display_maps(normalize, percentile)."""
-    channels, combined = display_maps(maps, normalize, percentile)
-    scale = scale_label(normalize, percentile)
-    for i, stem in enumerate(stems):
-        figure = saliency_figure(
-            images[i],
-            channels[i].numpy(),
-            combined[i].numpy(),
-            title=f"{title}\n{titles[i]}",
-            method=label,
-            scale=scale,
-            map_note=note,
-        )
-        save_figure(figure, folder / f"{stem}.png")

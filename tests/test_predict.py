@@ -161,9 +161,9 @@ def test_explain_draws_the_saliency_stages_figure(project, tmp_path):
 
     from cnnlens.attribution import METHODS, explain
     from cnnlens.config import SaliencyParams
-    from cnnlens.figures import chw_to_hwc
+    from cnnlens.figures import chw_to_hwc, write_saliency_figures
     from cnnlens.model import load_checkpoint
-    from cnnlens.predict_explain import NORMALIZE, PERCENTILE, write_figures
+    from cnnlens.predict_explain import NORMALIZE, PERCENTILE
     from cnnlens.tensors import denormalize, eval_inputs
 
     images = sorted((project / "data/raw/val/bees").glob("*.png"))[:2]
@@ -186,15 +186,17 @@ def test_explain_draws_the_saliency_stages_figure(project, tmp_path):
         f"{p}\npredicted {meta['classes'][int(c)]} (p={proba[i, c]:.2f})"
         for i, (p, c) in enumerate(zip(images, logits.argmax(1)))
     ]
-    write_figures(
+    heading = f"{METHODS['gradient'].label} ({METHODS['gradient'].describe()})"
+    write_saliency_figures(
         tmp_path / "mine",
         maps,
         [chw_to_hwc(im) for im in denormalize(x)],
-        titles=titles,
+        titles=[f"{heading}\n{t}" for t in titles],
         stems=[p.stem for p in images],
         label=METHODS["gradient"].label,
-        title=f"{METHODS['gradient'].label} ({METHODS['gradient'].describe()})",
         note="max over R, G, B",
+        normalize=NORMALIZE,
+        percentile=PERCENTILE,
     )
     for p in images:
         assert (out / "explain/gradient" / f"{p.stem}.png").read_bytes() == (

@@ -293,7 +293,7 @@ def test_a_named_cam_layer_is_used_and_recorded_and_a_bad_one_stops_the_stage(pr
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "saliency.gradcam_layer = 'layer9'" in lines[0]
     assert "layer1, layer2, layer3, layer4" in lines[0]
-    assert not (bad / "metrics").exists() and not (bad / "plots").exists()
+    assert not (bad / "metrics" / "saliency.json").exists() and not (bad / "plots" / "saliency").exists()
 
 
 def test_quality_over_all_of_val_in_chunks_equals_one_chunk(project, tmp_path, monkeypatch):
