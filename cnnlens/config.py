@@ -150,6 +150,24 @@ class TrainParams:
         doc="keep the packed train+val images on the device when they take at most this many MiB, else "
         "stream batches from the memory-mapped shards; auto: half the free GPU memory, on a CPU always stream",
     )
+    # early stopping, and training that survives interruption (docs/resume.md)
+    patience: int = param(0, min=0, doc="stop after this many epochs without improvement of monitor; 0: off")
+    min_delta: float = param(0.0, min=0.0, doc="the smallest change of monitor that counts as an improvement")
+    monitor: str = param("val_acc", choices=("val_acc", "val_loss"), doc="what early stopping watches")
+    resume: str = param(
+        "auto",
+        choices=("auto", "never"),
+        doc="auto: resume from a checkpoint of the same inputs; never: start over",
+    )
+    checkpoint_every: float = param(
+        60.0,
+        min=0.0,
+        doc="seconds of training between resumable checkpoints (more if a write takes over 2% of them); "
+        "0: after every step",
+    )
+    max_restarts: int = param(
+        0, min=0, max=100, doc="several processes: restart them all this many times when one fails"
+    )
 
 
 @dataclass(frozen=True)

@@ -96,9 +96,10 @@ def is_worker() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(world: Plan, args: list[str]) -> None:
+def launch(world: Plan, args: list[str], *, max_restarts: int = 0) -> None:
     """Run `python args...` as nproc_per_node workers here (and join the other nodes) with torchrun's
-    elastic launcher; a failed rank becomes WorkerFailed with its message and exit code."""
+    elastic launcher; a failed rank becomes WorkerFailed with its message and exit code. A failed rank
+    first restarts every worker, up to `max_restarts` times (they resume from the checkpoint)."""
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -118,7 +119,7 @@ def launch(world: Plan, args: list[str]) -> None:
         rdzv_backend=backend,
         rdzv_endpoint=endpoint,
         rdzv_configs=configs,
-        max_restarts=0,  # a failed rank fails the stage; DVC reruns it
+        max_restarts=max_restarts,  # train.max_restarts; 0: a failed rank fails the stage
         monitor_interval=0.1,
     )
     # the launcher's own log lines repeat what the failed rank and WorkerFailed say
@@ -202,7 +203,12 @@ class World:
         self.device = device
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart == "0":
+            dist.init_process_group(backend)
+        else:  # restarted (train.max_restarts): the launcher's store still holds the last attempt's keys
+            store = dist.PrefixStore(f"cnnlens/attempt_{restart}", next(dist.rendezvous("env://"))[0])
+            dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.size)
         self.dist = dist
 
     def bounds(self, n: int, rank: int | None = None) -> tuple[int, int]:
