@@ -16,6 +16,8 @@ checkpoint is found by its hash, named in one line, and training starts over.
 from __future__ import annotations
 
 import ast
+import atexit
+import contextlib
 import hashlib
 import io
 import json
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from cnnlens.cli import log
 from cnnlens.errors import StageError, disk_error_line
-from cnnlens.files import lock_outputs, remove_path
+from cnnlens.files import lock_outputs, release_locks, remove_path
 
 FORMAT = 1
 MAGIC = b"cnnlens-ckpt-v1\n"  # then the SHA-256 (32 bytes) of everything before it
@@ -183,9 +185,17 @@ class Store:
         self.writes, self.write_seconds = 0, 0.0  # saves so far, and their time
 
     def lock(self) -> "Store":
-        """Hold this checkpoint for the life of the process (one run at a time writes it)."""
+        """Hold this checkpoint for the life of the process (one run at a time writes it); at exit
+        the folders made for the lock go again if they hold nothing."""
         lock_outputs(self.dir)
+        atexit.register(self._remove_empty_folders)
         return self
+
+    def _remove_empty_folders(self) -> None:
+        release_locks()  # the lock files sit in the root
+        for folder in (self.root, self.root.parent):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def load(self) -> dict | None:
         """The saved state, or None: nothing saved (say why when another checkpoint exists), resume
@@ -266,29 +276,41 @@ def one_reason(exc: BaseException) -> str:
 
 class StopRequest:
     """While training: SIGINT and SIGTERM set a flag instead of raising, so the current step finishes,
-    the checkpoint is written and the run stops (Interrupted); a second Ctrl-C stops at once, without
-    a checkpoint. The previous handlers are restored on exit. Outside the main thread, where Python
-    cannot catch signals, the flag stays unset."""
+    the checkpoint is written and the run stops (Interrupted). A second Ctrl-C stops at once, without a
+    checkpoint, and so does a request not honoured within GRACE seconds (a rank stuck waiting for a
+    dead one, a step too long to finish). The previous handlers are restored on exit. Outside the main
+    thread, where Python cannot catch signals, the flag stays unset."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    GRACE = 20.0  # within the 30 s torchrun's agent and most schedulers grant after a SIGTERM
 
     def __init__(self):
         self.signal: int | None = None
         self.previous: dict = {}
+        self.timer: threading.Timer | None = None
+        self.expired = False
 
     @property
     def requested(self) -> bool:
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+        if self.expired or signum == signal.SIGINT and self.signal == signal.SIGINT:
             raise KeyboardInterrupt
         if self.signal is None:
             self.signal = signum
             name = signal.Signals(signum).name
-            log(
-                f"finetune: {name}: stopping after this step to write the checkpoint (Ctrl-C again: stop now)"
-            )
+            # os.write: a print() in a handler can land inside a print in progress (a reentrant call)
+            what = "stopping after this step to write the checkpoint (Ctrl-C again: stop now)"
+            os.write(2, f"finetune: {name}: {what}\n".encode())
+            self.timer = threading.Timer(self.GRACE, self._expire)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _expire(self) -> None:
+        if self.previous:  # still training: stop now
+            self.expired = True
+            os.kill(os.getpid(), signal.SIGINT)
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -296,8 +318,11 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
 
 
 class Schedule:

@@ -509,7 +509,7 @@ def run_epoch(
     train_loss, train_acc = loop.train_epoch(ep, after)
     lr = loop.optimizer.param_groups[0]["lr"]
     with warnings.catch_warnings():  # resumed at an epoch's end, this process has taken no step yet
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         loop.scheduler.step()
     val_loss, val_acc = loop.validate()
     if loop.device.type == "cuda":
@@ -624,6 +624,8 @@ def resume(loop: Loop, history: History, store: Store | None) -> EpochState:
         world.dist.broadcast_object_list(box, src=0)
         state = box[0]
     if state is None:
+        if store is not None:
+            log(f"finetune: training from epoch 1 of {loop.opts.epochs}")
         return EpochState(1)
     for module, key in ((loop.model, "model"), (loop.optimizer, "optimizer"), (loop.scheduler, "scheduler")):
         module.load_state_dict(state[key])

@@ -221,8 +221,7 @@ def test_a_non_finite_loss_stops_with_one_line_and_writes_nothing(tmp_path, data
     assert last.startswith("error: finetune: non-finite loss at epoch 1 step "), proc.stderr[-3000:]
     assert last.endswith("(train.lr = 1000000.0 may be too high); nothing was written"), last
     assert "Traceback" not in proc.stderr
-    left = sorted(p.name for p in (tmp_path / "nan").iterdir())
-    assert left == [".cnnlens"] and checkpoints(tmp_path / "nan") == [], left
+    assert list((tmp_path / "nan").iterdir()) == []  # no outs, no temporaries, no checkpoint
 
 
 def expected_stop(val: list[float], patience: int) -> int:
@@ -260,6 +259,23 @@ def test_early_stopping_stops_at_the_right_epoch_and_resumes_to_the_same_bytes(t
     proc = finetune(tmp_path, data, weights, "x", model=RESNET, **EARLY)
     assert proc.returncode == 0 and resumed_at(proc.stderr) == (stop, 1), proc.stderr[-3000:]
     assert outs(tmp_path / "x") == outs(tmp_path / "early")
+
+
+def test_a_stop_request_finishes_the_step_and_a_stuck_one_ends_after_its_grace(monkeypatch):
+    monkeypatch.setattr(checkpoint.StopRequest, "GRACE", 0.5)
+    before = signal.getsignal(signal.SIGTERM)
+    with checkpoint.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signal == signal.SIGTERM  # no exception: the step goes on
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(30)  # a step that never ends: stopped at once after the grace
+    assert signal.getsignal(signal.SIGTERM) is before
+    with checkpoint.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C again: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
 
 
 def test_the_checkpoint_key_ignores_how_a_run_is_carried_out(tmp_path, data, weights):
