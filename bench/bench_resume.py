@@ -1,10 +1,10 @@
 """Resume: what checkpoints cost and what a kill costs, on the demo's finetune (docs/resume.md).
 
-    python bench/bench_resume.py [--kills 10] [--repeats 3] [--seed 0] [--out bench/.cache/resume.json]
+    python bench/bench_resume.py [--kills 10] [--repeats 3] [--seed 0] [--out /tmp/bench-resume.json]
     python bench/bench_resume.py --tiny --kills 2 --repeats 1       # a dry run: tiny images, a minute
 
 1. The demo's data (params.yaml + params-demo.yaml: offline synthetic images, random init) is made once into
-   bench/.cache/resume/ by the download and prepare stages (no DVC).
+   a git-ignored folder under bench/ (.cache/resume) by the download and prepare stages (no DVC).
 2. Overhead: finetune as DVC runs it (one child process a run), alternately with train.checkpoint_every 1e9 (no
    checkpoint) and with the default, --repeats times each, in this one invocation; the ratio of the median
    training seconds (metrics/train.json total_seconds), the checkpoints written and their seconds (the stage's

@@ -246,8 +246,8 @@ def shown(value) -> str:
     return _cut(_SHORT.repr(value))
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+def _cut(text: str, limit: int = MAX_SHOWN) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _AnchorRefused(Exception):
@@ -369,7 +369,8 @@ def _build(cls, raw, prefix: str, source: str):
     unknown = sorted((k for k in raw if k not in fields), key=str)
     if unknown:
         raise ParamsError(
-            f"{source}: unknown key {_cut(prefix + str(unknown[0]))}; allowed keys in {where}: {', '.join(fields)}"
+            # a misspelt key is short: its cut leaves room for the allowed keys (train has 35)
+            f"{source}: unknown key {_cut(prefix + str(unknown[0]), 100)}; allowed keys in {where}: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
     values = {}
