@@ -153,6 +153,24 @@ class TrainParams:
         doc="keep the packed train+val images on the device when they take at most this many MiB, else "
         "stream batches from the memory-mapped shards; auto: half the free GPU memory, on a CPU always stream",
     )
+    # early stopping, and training that survives interruption (docs/resume.md)
+    patience: int = param(0, min=0, doc="stop after this many epochs without improvement of monitor; 0: off")
+    min_delta: float = param(0.0, min=0.0, doc="the smallest change of monitor that counts as an improvement")
+    monitor: str = param("val_acc", choices=("val_acc", "val_loss"), doc="what early stopping watches")
+    resume: str = param(
+        "auto",
+        choices=("auto", "never"),
+        doc="auto: resume from a checkpoint of the same inputs; never: start over",
+    )
+    checkpoint_every: float = param(
+        60.0,
+        min=0.0,
+        doc="seconds of training between resumable checkpoints (more if a write takes over 2% of them); "
+        "0: after every step",
+    )
+    max_restarts: int = param(
+        0, min=0, max=100, doc="several processes: restart them all this many times when one fails"
+    )
 
 
 @dataclass(frozen=True)
@@ -242,8 +260,8 @@ def shown(value) -> str:
     return _cut(_SHORT.repr(value))
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+def _cut(text: str, limit: int = MAX_SHOWN) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _AnchorRefused(Exception):
@@ -365,7 +383,8 @@ def _build(cls, raw, prefix: str, source: str):
     unknown = sorted((k for k in raw if k not in fields), key=str)
     if unknown:
         raise ParamsError(
-            f"{source}: unknown key {_cut(prefix + str(unknown[0]))}; allowed keys in {where}: {', '.join(fields)}"
+            # a misspelt key is short: its cut leaves room for the allowed keys (train has 35)
+            f"{source}: unknown key {_cut(prefix + str(unknown[0]), 100)}; allowed keys in {where}: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
     values = {}

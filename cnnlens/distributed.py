@@ -114,15 +114,16 @@ def is_worker() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(world: Plan, args: list[str]) -> None:
+def launch(world: Plan, args: list[str], *, max_restarts: int = 0) -> None:
     """Run `python args...` as nproc_per_node workers here (and join the other nodes) with torchrun's
     elastic launcher, in a child process (run_launcher): the launcher waits for the other nodes inside
     torch's C++ code, where no Python signal handler runs, so a SIGINT or SIGTERM to the stage stops the
     child instead (stop_launcher), within seconds. A failed rank becomes WorkerFailed with its message
-    and exit code; ranks that cannot meet within train.rdzv_timeout, one StageError line."""
+    and exit code; ranks that cannot meet within train.rdzv_timeout, one StageError line. A failed rank
+    first restarts every worker, up to `max_restarts` times (they resume from the checkpoint)."""
     read, write = os.pipe()
     try:
-        child = start_launcher(world, args, write)
+        child = start_launcher(world, args, write, max_restarts=max_restarts)
     except BaseException:
         os.close(read)
         raise
@@ -138,7 +139,7 @@ def launch(world: Plan, args: list[str]) -> None:
     raise_outcome(outcome, code)
 
 
-def start_launcher(world: Plan, args: list[str], fd: int) -> subprocess.Popen:
+def start_launcher(world: Plan, args: list[str], fd: int, *, max_restarts: int = 0) -> subprocess.Popen:
     """`python -c ... SPEC` running run_launcher in a session of its own (a Ctrl-C in the terminal
     reaches the stage alone, which stops it); it writes its outcome to the pipe end `fd`."""
     root = str(Path(__file__).resolve().parents[1])  # this cnnlens, whatever the working folder
@@ -146,6 +147,7 @@ def start_launcher(world: Plan, args: list[str], fd: int) -> subprocess.Popen:
     env["TORCH_CPP_LOG_LEVEL"] = "FATAL"  # its C++ log repeats each connect retry; the workers keep ours
     spec = {
         "world": asdict(world),
+        "max_restarts": max_restarts,
         "args": args,
         "fd": fd,
         "log_level": os.environ.get("TORCH_CPP_LOG_LEVEL"),
@@ -221,12 +223,12 @@ def run_launcher() -> None:
     os.environ.pop("TORCH_CPP_LOG_LEVEL")
     if spec["log_level"] is not None:
         os.environ["TORCH_CPP_LOG_LEVEL"] = spec["log_level"]
-    outcome = elastic_run(Plan(**spec["world"]), spec["args"])
+    outcome = elastic_run(Plan(**spec["world"]), spec["args"], max_restarts=spec["max_restarts"])
     with contextlib.suppress(OSError), os.fdopen(spec["fd"], "w") as fh:  # the stage may be gone
         json.dump(outcome, fh)
 
 
-def elastic_run(world: Plan, args: list[str]) -> dict:
+def elastic_run(world: Plan, args: list[str], *, max_restarts: int = 0) -> dict:
     """Run the workers with torchrun's elastic launcher here; the outcome as a JSON-able dict."""
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -249,7 +251,7 @@ def elastic_run(world: Plan, args: list[str]) -> dict:
         rdzv_backend=backend,
         rdzv_endpoint=endpoint,
         rdzv_configs=configs,
-        max_restarts=0,  # a failed rank fails the stage; DVC reruns it
+        max_restarts=max_restarts,  # train.max_restarts; 0: a failed rank fails the stage
         monitor_interval=0.1,
     )
     # the launcher's own log lines repeat what the failed rank and WorkerFailed say
@@ -342,7 +344,12 @@ class World:
         self.device = device
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart == "0":
+            dist.init_process_group(backend)
+        else:  # restarted (train.max_restarts): the launcher's store still holds the last attempt's keys
+            store = dist.PrefixStore(f"cnnlens/attempt_{restart}", next(dist.rendezvous("env://"))[0])
+            dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.size)
         self.dist = dist
 
     def bounds(self, n: int, rank: int | None = None) -> tuple[int, int]:

@@ -1,11 +1,14 @@
-"""Per-epoch training logs: DVCLive when installed, else the same files written directly."""
+"""Per-epoch training logs: DVCLive when installed, else the same files written directly; progress
+on stderr: a live bar on a terminal, one line per epoch anywhere else."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from cnnlens.cli import log
+from cnnlens.files import remove_path
 
 
 class PlainLive:
@@ -36,7 +39,9 @@ class PlainLive:
 
 
 def live_logger(live_dir):
-    """DVCLive when installed (imported here: it is slow to import), else PlainLive."""
+    """DVCLive when installed (imported here: it is slow to import), else PlainLive; into an empty
+    folder (a restarted worker's temporary may hold its first attempt's epochs)."""
+    remove_path(live_dir)
     try:
         from dvclive import Live
     except ImportError:
@@ -51,3 +56,53 @@ def log_epoch(live, row: dict) -> None:
         if key != "epoch":
             live.log_metric(key, value, plot=True)
     live.next_step()
+
+
+def duration(seconds: float) -> str:
+    """`42 s`, `3 min 05 s`, `2 h 07 min`."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def epoch_line(row: dict, epochs: int, eta: float) -> str:
+    """One epoch's progress line (stderr is not a terminal: dvc repro in CI, nohup, a cluster's log)."""
+    return (
+        f"finetune: epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.3g}  "
+        f"{row['seconds']:.1f} s  ETA {duration(eta)}"
+    )
+
+
+class Progress:
+    """Training progress on stderr: tqdm's bar on a terminal, else one epoch_line per epoch (the ETA:
+    the mean seconds of this process's epochs times the epochs left). `quiet`: nothing (ranks but 0)."""
+
+    def __init__(self, epochs: int, *, first: int = 1, quiet: bool = False):
+        self.epochs, self.quiet, self.seconds = epochs, quiet, []
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        if self.tty and not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=epochs, initial=first - 1, desc="finetune", unit="epoch", leave=False)
+
+    def update(self, row: dict) -> None:
+        self.seconds.append(row["seconds"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}",
+                acc=f"{row['train_acc']:.3f}",
+                val_acc=f"{row['val_acc']:.3f}",
+            )
+        elif not self.quiet:
+            eta = sum(self.seconds) / len(self.seconds) * (self.epochs - row["epoch"])
+            log(epoch_line(row, self.epochs, eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -14,16 +14,18 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from cnnlens.checkpoint import Interrupted, Schedule, StopRequest, Store
 from cnnlens.cli import log
 from cnnlens.devices import device_name
-from cnnlens.errors import ParamsError
+from cnnlens.errors import ParamsError, StageError
+from cnnlens.live import Progress
 from cnnlens.model import autocast, get_module, head_name, predict_logits, set_module
 from cnnlens.shards import Feeder, ShardedTensor, resident_budget
 from cnnlens.tensors import Split, crop_boxes, eval_inputs, resample
@@ -53,6 +55,10 @@ class LoopOptions:
     cuda_graphs: str  # auto | on | off: the train step as one CUDA graph
     sync_batchnorm: bool  # several processes: BatchNorm statistics over the global batch
     resident_mb: int | str  # place(): keep the images on the device within this budget (auto)
+    patience: int  # early stopping: epochs without an improvement of `monitor` (0: off)
+    min_delta: float  # the smallest change of `monitor` that counts as an improvement
+    monitor: str  # val_acc | val_loss
+    checkpoint_every: float  # seconds of training between resumable checkpoints (0: every step)
 
 
 @dataclass
@@ -66,6 +72,27 @@ class History:
     cuda_graphs: bool = False  # whether the train step ran as a captured CUDA graph
     streamed: bool = False  # whether training batches streamed from the shards (else the set was resident)
     input_wait_seconds: float = 0.0  # streamed: time the loop waited for its next batch
+    best_monitor: float | None = None  # early stopping: the best value of the monitored metric so far
+    bad_epochs: int = 0  # early stopping: epochs since it last improved
+    stop_reason: str = ""  # why training ended (metrics/train.json)
+
+
+@dataclass
+class EpochState:
+    """Where an epoch stands: its batch order (drawn when it starts), the steps done, the loss summed
+    over the images seen and the correct predictions so far (this process's share), its seconds so far."""
+
+    epoch: int
+    order: torch.Tensor | None = None
+    step: int = 0
+    loss_sum: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    seconds: float = 0.0
+    losses: torch.Tensor | None = None  # each step's loss, checked for non-finite values
+
+
+class NonFinite(StageError):
+    """The loss or the weights became NaN or infinite: training stops and nothing is written."""
 
 
 def configure_torch(device: torch.device, seed: int, *, threads: int, deterministic: bool) -> None:
@@ -84,6 +111,15 @@ def configure_torch(device: torch.device, seed: int, *, threads: int, determinis
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def check_cache_features(cache_features: bool, mode: str, augment: bool) -> None:
+    """Cached features are the frozen backbone's outputs for the unaugmented images: a ParamsError if not."""
+    if cache_features and (mode != "feature_extractor" or augment):
+        raise ParamsError(
+            "train.cache_features: true needs train.mode: feature_extractor and train.augment: false "
+            "(cached features cannot be augmented)"
+        )
 
 
 def trainable_parameters(model: nn.Module, mode: str) -> list[nn.Parameter]:
@@ -318,26 +354,50 @@ class Loop:
                 return self.eager_step(x, y)
         return g(x, y)
 
-    def train_epoch(self) -> tuple[float, float]:
-        """One pass over the training set in a seeded random order; returns (mean loss, accuracy)."""
+    def train_epoch(self, ep: EpochState, after_step: Callable | None = None) -> tuple[float, float]:
+        """One pass over the training set in a seeded random order, from step `ep.step` on (a resumed
+        epoch keeps its order and sums); `after_step(ep)` runs after each step. Returns (mean loss, accuracy)."""
         opts, device = self.opts, self.device
         set_train_mode(self.model, opts.mode)
         if self.graphed is not None:
             self.graphed.set_lr(self.optimizer.param_groups[0]["lr"])
-        order = torch.randperm(len(self.train_y), generator=self.generator).to(device)
-        batches = order.split(opts.batch_size)
+        if ep.order is None:
+            ep.order = torch.randperm(len(self.train_y), generator=self.generator)
+        batches = ep.order.to(device).split(opts.batch_size)
         if self.feeder is not None:  # streaming: read this process's rows of each batch one batch ahead
-            self.feeder.plan([b[slice(*self.rows(len(b)))] for b in batches])
-        total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for idx in batches:
-            x, y = self.batch(idx)
+            self.feeder.plan([b[slice(*self.rows(len(b)))] for b in batches[ep.step :]])
+        if ep.loss_sum is None:
+            ep.loss_sum, ep.correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        ep.losses = torch.zeros(len(batches), device=device)
+        for i in range(ep.step, len(batches)):
+            x, y = self.batch(batches[i])
             loss, logits = self.step(x, y)
-            total_loss += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-        if self.world is not None:
-            total_loss, correct = self.world.all_sum(total_loss, correct)
+            ep.loss_sum += loss.detach() * len(y)
+            ep.correct += (logits.argmax(1) == y).sum()
+            ep.losses[i] = loss.detach()
+            ep.step = i + 1
+            if after_step is not None:
+                after_step(ep)
+        total_loss, correct = self.epoch_sums(ep)
         n = len(self.train_y)
         return float(total_loss) / n, float(correct) / n
+
+    def epoch_sums(self, ep: EpochState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss summed over the images, correct predictions) of the epoch so far, over every process."""
+        if self.world is None:
+            return ep.loss_sum, ep.correct
+        return self.world.all_sum(ep.loss_sum, ep.correct)
+
+    def first_nonfinite(self, ep: EpochState) -> str | None:
+        """Why the epoch's losses so far or the weights are not finite ("loss at epoch E step S"), or None."""
+        bad = (~torch.isfinite(ep.losses[: ep.step])).nonzero()
+        if len(bad):
+            return f"loss at epoch {ep.epoch} step {int(bad[0]) + 1}"
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params])
+        if not bool(torch.isfinite(norms).all()):
+            return f"weights after epoch {ep.epoch} step {ep.step} (a non-finite gradient)"
+        return None
 
     def rows(self, n: int) -> tuple[int, int]:
         """This process's rows [lo, hi) of a global batch of n (all of them in one process). DDP averages
@@ -399,45 +459,35 @@ def train(
     seed: int,
     on_epoch: Callable[[dict], None] | None = None,
     world=None,
+    store: Store | None = None,
 ) -> History:
     """Train `model` in place; returns the per-epoch history and the best-val-accuracy weights.
     `seed` seeds the one generator of the batch order and the augmentation; `on_epoch` gets each
-    epoch's row. With a `world` (several processes) every rank runs this; the history is the same on each."""
+    epoch's row (a resumed run's earlier rows first). With a `world` (several processes) every rank
+    runs this; the history is the same on each. With a `store` (cnnlens.checkpoint.Store; rank 0's
+    with several processes) the run resumes from its checkpoint and keeps one while it trains; a
+    stop request (Ctrl-C, SIGTERM) writes it and raises checkpoint.Interrupted. A non-finite loss or
+    weight raises NonFinite (and removes the checkpoint)."""
     loop = Loop(model, train_split, val_split, options=options, device=device, seed=seed, world=world)
     history = History()
-    quiet = None if world is None or world.rank == 0 else True
-    bar = tqdm(range(1, options.epochs + 1), desc="finetune", unit="epoch", leave=False, disable=quiet)
-    for epoch in bar:
-        start = time.perf_counter()
-        train_loss, train_acc = loop.train_epoch()
-        lr = loop.optimizer.param_groups[0]["lr"]
-        loop.scheduler.step()
-        val_loss, val_acc = loop.validate()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": lr,
-            "seconds": seconds,
-        }
-        history.epochs.append(row)
-        history.images_seen += len(loop.train_y)
-        history.cuda_graphs = loop.graphed is not None and loop.graphed.graph is not None
-        history.streamed = loop.feeder is not None
-        history.input_wait_seconds = loop.feeder.wait if loop.feeder is not None else 0.0
-        history.train_seconds += seconds
-        if val_acc > history.best_val_acc:
-            history.best_val_acc, history.best_epoch = val_acc, epoch
-            history.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}", val_acc=f"{val_acc:.3f}")
-        if on_epoch:
-            on_epoch(row)
-    bar.close()
+    ep = resume(loop, history, store)
+    for row in history.epochs if on_epoch else ():  # the resumed epochs' rows, logged again
+        on_epoch(row)
+    progress = Progress(options.epochs, first=ep.epoch, quiet=world is not None and world.rank != 0)
+    try:
+        with StopRequest() as stop:
+            schedule = Schedule(options.checkpoint_every, stop, store=store, world=world)
+            while ep.epoch <= options.epochs and not history.stop_reason:
+                ep = run_epoch(loop, history, ep, schedule=schedule, on_epoch=on_epoch, progress=progress)
+    except NonFinite:
+        if store is not None:
+            store.remove()  # the same inputs diverge again: nothing to resume
+        raise
+    finally:
+        progress.close()
+    history.stop_reason = history.stop_reason or f"trained all {options.epochs} epochs (train.epochs)"
+    if store is not None and store.writes:
+        log(f"finetune: {store.writes} checkpoint(s) written in {store.write_seconds:.1f} s")
     if loop.feeder is not None:
         f = loop.feeder
         f.close()
@@ -446,6 +496,165 @@ def train(
             f"({f.hits} batches read ahead, {f.misses} on demand)"
         )
     return history
+
+
+def run_epoch(
+    loop: Loop, history: History, ep: EpochState, *, schedule: Schedule, on_epoch, progress
+) -> EpochState:
+    """Train and validate epoch `ep` (from its step on), record it; a checkpoint at its end when one is
+    due or a stop was requested (then Interrupted). Returns the next epoch's state."""
+    start = time.perf_counter()
+    elapsed = lambda: ep.seconds + time.perf_counter() - start
+    after = lambda ep: after_step(loop, history, ep, schedule=schedule, seconds=elapsed())
+    train_loss, train_acc = loop.train_epoch(ep, after)
+    lr = loop.optimizer.param_groups[0]["lr"]
+    with warnings.catch_warnings():  # resumed at an epoch's end, this process has taken no step yet
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        loop.scheduler.step()
+    val_loss, val_acc = loop.validate()
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize()
+    check_finite(loop, ep)
+    row = {
+        "epoch": ep.epoch,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": lr,
+        "seconds": elapsed(),
+    }
+    record(loop, history, row)
+    if on_epoch:
+        on_epoch(row)
+    progress.update(row)
+    nxt = EpochState(ep.epoch + 1)
+    if nxt.epoch > loop.opts.epochs or history.stop_reason:  # done: the outs follow, no checkpoint
+        return nxt
+    stop, due = schedule.at_epoch_end()
+    if stop or due:
+        save(loop, history, nxt, schedule=schedule, seconds=0.0)
+    if stop:
+        raise Interrupted(f"interrupted at epoch {nxt.epoch} step 0; rerun to resume")
+    return nxt
+
+
+def after_step(loop: Loop, history: History, ep: EpochState, *, schedule: Schedule, seconds: float) -> None:
+    """After each step: on a CPU the loss is checked at once (.item() costs nothing there; elsewhere at
+    the next checkpoint or epoch end, where the device syncs anyway); a checkpoint when one is due or a
+    stop was requested, then the stop (Interrupted)."""
+    if loop.device.type == "cpu" and not bool(torch.isfinite(ep.losses[ep.step - 1])):
+        check_finite(loop, ep)
+    stop, due = schedule.after_step()
+    if stop or due:
+        save(loop, history, ep, schedule=schedule, seconds=seconds)
+    if stop:
+        raise Interrupted(f"interrupted at epoch {ep.epoch} step {ep.step}; rerun to resume")
+
+
+def check_finite(loop: Loop, ep: EpochState) -> None:
+    """NonFinite if a loss of the epoch so far or a weight is NaN or infinite."""
+    what = loop.first_nonfinite(ep)
+    if what is not None:
+        raise NonFinite(
+            f"finetune: non-finite {what} (train.lr = {loop.opts.lr} may be too high); nothing was written"
+        )
+
+
+def record(loop: Loop, history: History, row: dict) -> None:
+    """An epoch's row into the history: the best-val-accuracy weights, early stopping."""
+    history.epochs.append(row)
+    history.images_seen += len(loop.train_y)
+    history.cuda_graphs = loop.graphed is not None and loop.graphed.graph is not None
+    history.streamed = loop.feeder is not None
+    history.input_wait_seconds = loop.feeder.wait if loop.feeder is not None else 0.0
+    history.train_seconds += row["seconds"]
+    if row["val_acc"] > history.best_val_acc:
+        history.best_val_acc, history.best_epoch = row["val_acc"], row["epoch"]
+        history.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in loop.model.state_dict().items()})
+    opts = loop.opts
+    value, sign = row[opts.monitor], 1.0 if opts.monitor == "val_acc" else -1.0
+    if history.best_monitor is None or sign * (value - history.best_monitor) > opts.min_delta:
+        history.best_monitor, history.bad_epochs = value, 0
+    else:
+        history.bad_epochs += 1
+    if opts.patience and history.bad_epochs >= opts.patience:
+        history.stop_reason = (
+            f"early stopping: {opts.monitor} did not improve by more than {opts.min_delta} "
+            f"in {opts.patience} epochs (train.patience)"
+        )
+
+
+def save(loop: Loop, history: History, ep: EpochState, *, schedule: Schedule, seconds: float) -> None:
+    """The resumable state at `ep` (after its `ep.step` steps; 0: before the epoch) into the store (rank
+    0's; every rank runs this: the epoch's sums are summed over the ranks). Only finite states are kept."""
+    if ep.losses is not None:
+        check_finite(loop, ep)
+    sums = None if ep.loss_sum is None else torch.stack(loop.epoch_sums(ep)).cpu()
+    if schedule.store is not None:
+        schedule.store.save(
+            {
+                "model": loop.model.state_dict(),
+                "optimizer": loop.optimizer.state_dict(),
+                "scheduler": loop.scheduler.state_dict(),
+                "generator": loop.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(loop.device) if loop.device.type == "cuda" else None,
+                "history": dict(vars(history)),
+                "epoch": {
+                    "epoch": ep.epoch,
+                    "order": ep.order,
+                    "step": ep.step,
+                    "sums": sums,
+                    "seconds": seconds,
+                },
+                "world_size": 1 if loop.world is None else loop.world.size,
+            }
+        )
+    schedule.written()
+
+
+def resume(loop: Loop, history: History, store: Store | None) -> EpochState:
+    """Where training starts: the store's checkpoint restored into `loop` and `history` (read by rank 0
+    and sent to every rank, so no other node needs the file), or epoch 1."""
+    state = store.load() if store is not None else None
+    world = loop.world
+    if world is not None:
+        box = [state]
+        world.dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    if state is None:
+        if store is not None:
+            log(f"finetune: training from epoch 1 of {loop.opts.epochs}")
+        return EpochState(1)
+    for module, key in ((loop.model, "model"), (loop.optimizer, "optimizer"), (loop.scheduler, "scheduler")):
+        module.load_state_dict(state[key])
+    loop.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if loop.device.type == "cuda" and state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], loop.device)
+    for key, value in state["history"].items():
+        setattr(history, key, value)
+    e = state["epoch"]
+    ep = EpochState(e["epoch"], order=e["order"], step=e["step"], seconds=e["seconds"])
+    if e["sums"] is not None:  # the epoch's sums so far: one process holds them, the others add theirs
+        sums = e["sums"] if world is None or world.rank == 0 else torch.zeros_like(e["sums"])
+        ep.loss_sum, ep.correct = sums.to(loop.device, torch.float32).unbind()
+    if store is not None:
+        done = history.train_seconds + ep.seconds
+        log(
+            f"finetune: resuming from epoch {ep.epoch} step {ep.step}, after {done:.1f} s of training "
+            f"({store.file}, written by {state['world_size']} process(es))"
+        )
+    return ep
+
+
+def summary(h: History) -> str:
+    """The run in one line: the best epoch, the time, the speed."""
+    return (
+        f"best val_acc {h.best_val_acc:.4f} at epoch {h.best_epoch}, {h.train_seconds:.1f} s, "
+        f"{h.images_seen / max(h.train_seconds, 1e-9):.0f} img/s"
+    )
 
 
 def train_metrics(h: History, device, devices: list[str] | None = None) -> dict:
@@ -461,6 +670,8 @@ def train_metrics(h: History, device, devices: list[str] | None = None) -> dict:
         "best_val_acc": h.best_val_acc,
         "best_epoch": h.best_epoch,
         "last_epoch": {k: last[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
+        "stopped_epoch": last["epoch"],
+        "stop_reason": h.stop_reason,
         "total_seconds": round(h.train_seconds, 3),
         "images_per_second": round(h.images_seen / max(h.train_seconds, 1e-9), 2),
         "device": device_name(device),

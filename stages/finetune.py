@@ -7,29 +7,19 @@ python -m stages.finetune --data data/prepared --weights data/weights --model mo
 import dataclasses
 import functools
 
-from cnnlens import distributed
+from cnnlens import checkpoint, distributed
 from cnnlens.cli import log, run_main
 from cnnlens.config import stage_args, to_dict
 from cnnlens.devices import device_name, select_device
-from cnnlens.errors import ParamsError
 from cnnlens.files import atomic_outputs, lock_outputs, write_json
 from cnnlens.live import live_logger, log_epoch
 from cnnlens.losses import make_loss
 from cnnlens.model import checkpoint_meta, initial_model, params_digest, save_checkpoint
 from cnnlens.tensors import load_classes, load_split
-from cnnlens.training import LoopOptions, configure_torch, train, train_metrics
+from cnnlens.training import LoopOptions, check_cache_features, configure_torch, summary, train, train_metrics
 
 PATHS = ("--data", "--weights", "--model", "--metrics", "--live")
 OUTS = ("--live", "--model", "--metrics")  # replaced together, the metrics last
-
-
-def check_cache_features(tp) -> None:
-    """Cached features are the frozen backbone's outputs for the unaugmented images: a ParamsError if not."""
-    if tp.cache_features and (tp.mode != "feature_extractor" or tp.augment):
-        raise ParamsError(
-            "train.cache_features: true needs train.mode: feature_extractor and train.augment: false "
-            "(cached features cannot be augmented)"
-        )
 
 
 def plan_world(tp, device) -> distributed.Plan:
@@ -53,11 +43,18 @@ def loop_options(tp) -> LoopOptions:
     return LoopOptions(loss=loss, **{name: getattr(tp, name) for name in names})
 
 
-def params_digest_of(p, *, node_rank: bool = True) -> str:
+def params_digest_of(p, *, leave_out=()) -> str:
     """model.params_digest of the params that shape the model, the keys this stage declares in dvc.yaml
-    (the data and the downloaded weights are deps, hashed by DVC); optionally without train.node_rank."""
-    train_values = {k: v for k, v in to_dict(p.train).items() if node_rank or k != "node_rank"}
+    (the data and the downloaded weights are deps, hashed by DVC), but the train keys in `leave_out`."""
+    train_values = {k: v for k, v in to_dict(p.train).items() if k not in leave_out}
     return params_digest({"seed": p.seed, "model.arch": p.model.arch, "train": train_values})
+
+
+def checkpoint_store(args, p) -> checkpoint.Store:
+    """This run's resumable checkpoint, keyed by its inputs: params, data, weights, code (docs/resume.md)."""
+    digest = params_digest_of(p, leave_out=checkpoint.HOW_IT_RUNS)
+    inputs = checkpoint.inputs(params=digest, data=args.data, weights=args.weights, code=__file__)
+    return checkpoint.Store(checkpoint.folder_for(args.model), inputs, resume=p.train.resume == "auto")
 
 
 def worker_args(args, outs) -> list[str]:
@@ -72,7 +69,7 @@ def run_worker(argv) -> None:
     with distributed.reported_errors():
         args, p = stage_args(__doc__, PATHS, argv=argv)  # no locks: the launcher holds them
         with distributed.World(select_device(p.train.device), p.train.backend) as world:
-            check_cache_features(p.train)
+            check_cache_features(p.train.cache_features, p.train.mode, p.train.augment)
             if p.train.threads == 0:  # torch's default: the cores shared among this machine's processes
                 world.share_cores()
             train_and_write(args, p, world.device, outs=[args.live, args.model, args.metrics], world=world)
@@ -91,7 +88,7 @@ def train_and_write(args, p, device, *, outs, world=None) -> None:
             f"finetune: {p.model.arch} ({weights_info.get('source')} weights), {tp.mode}, loss={tp.loss}, "
             f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}"
         )
-    same_on_every_node = params_digest_of(p, node_rank=False)
+    same_on_every_node = params_digest_of(p, leave_out={"node_rank"})
     devices = None if world is None else distributed.same_params(world, same_on_every_node, device)
     fit = functools.partial(train, model, train_split, val_split, options=loop_options(tp), device=device)
     if not writes:
@@ -99,7 +96,8 @@ def train_and_write(args, p, device, *, outs, world=None) -> None:
         return
     live_dir, model_dir, metrics = outs
     with live_logger(live_dir) as live:
-        history = fit(seed=p.seed, on_epoch=functools.partial(log_epoch, live), world=world)
+        on_epoch = functools.partial(log_epoch, live)
+        history = fit(seed=p.seed, on_epoch=on_epoch, world=world, store=checkpoint_store(args, p))
     model.load_state_dict(history.best_state)
     meta = checkpoint_meta(
         arch=p.model.arch,
@@ -114,11 +112,8 @@ def train_and_write(args, p, device, *, outs, world=None) -> None:
     )
     save_checkpoint(model_dir, model, meta)
     write_json(metrics, train_metrics(history, device, devices))
-    log(
-        f"finetune: best val_acc {history.best_val_acc:.4f} at epoch {history.best_epoch}, "
-        f"{history.train_seconds:.1f} s, {history.images_seen / history.train_seconds:.0f} img/s"
-        + (f" -> {args.model}" if world is None else "")  # a worker's args.model is a temporary
-    )
+    # a worker's args.model is a temporary
+    log(f"finetune: {summary(history)}" + (f" -> {args.model}" if world is None else ""))
 
 
 def main(argv=None):
@@ -127,22 +122,22 @@ def main(argv=None):
     args, p = stage_args(__doc__, PATHS, argv=argv)
     tp = p.train
     device = select_device(tp.device)
-    check_cache_features(tp)
+    check_cache_features(tp.cache_features, tp.mode, tp.augment)
     world = plan_world(tp, device)
     outs = [args.live, args.model, args.metrics]
-    if world.size == 1:
-        lock_outputs(*outs)
-        with atomic_outputs(*outs) as tmps:
-            train_and_write(args, p, device, outs=tmps)
-        return
-    log(f"finetune: {world.describe()}")
-    if world.node_rank != 0:  # node 0's rank 0 writes the outputs; the other nodes only train
-        distributed.launch(world, worker_args(args, outs))
-        return
+    if world.size > 1:
+        log(f"finetune: {world.describe()}")
+    if world.node_rank != 0:  # node 0's rank 0 writes the outputs and the checkpoint; the others only train
+        return distributed.launch(world, worker_args(args, outs), max_restarts=tp.max_restarts)
     lock_outputs(*outs)
-    # the workers' rank 0 writes into these temporaries; they replace the outs only if every rank succeeded
+    store = checkpoint_store(args, p).lock()  # the checkpoint rank 0 writes
+    # several processes: rank 0 writes into these temporaries; they replace the outs if every rank succeeded
     with atomic_outputs(*outs) as tmps:
-        distributed.launch(world, worker_args(args, tmps))
+        if world.size == 1:
+            train_and_write(args, p, device, outs=tmps)
+        else:
+            distributed.launch(world, worker_args(args, tmps), max_restarts=tp.max_restarts)
+    store.remove()  # the outs are committed: the checkpoint has done its job
 
 
 if __name__ == "__main__":

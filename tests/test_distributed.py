@@ -276,7 +276,7 @@ if os.environ.get("RANK") == "1":
     import cnnlens.training
     from cnnlens.errors import StageError
 
-    def broken(self):
+    def broken(self, *args):
         raise StageError("rank 1 broke on purpose")
 
     cnnlens.training.Loop.train_epoch = broken
@@ -303,7 +303,7 @@ if os.environ.get("RANK") is not None:
     from pathlib import Path
     import cnnlens.training
 
-    def hang(self):
+    def hang(self, *args):
         Path(os.environ["PIDS"], os.environ["RANK"]).write_text(str(os.getpid()))
         time.sleep(120)
 
