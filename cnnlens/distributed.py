@@ -156,7 +156,9 @@ def start_launcher(world: Plan, args: list[str], fd: int, *, max_restarts: int =
     return subprocess.Popen([*command, json.dumps(spec)], env=env, pass_fds=(fd,), start_new_session=True)
 
 
-LAUNCHER_GRACE = 5.0  # seconds the launcher gets to stop its workers after SIGTERM, before SIGKILL
+# seconds the launcher gets to stop its workers after SIGTERM, before SIGKILL: more than a worker's own
+# grace to finish its step and write the checkpoint (checkpoint.StopRequest.GRACE), so none outlives the stage
+LAUNCHER_GRACE = 40.0  # torchrun's agent itself waits up to 30 s for its workers after a SIGTERM
 
 
 def stop_launcher(child: subprocess.Popen) -> None:

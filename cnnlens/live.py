@@ -3,6 +3,7 @@ on stderr: a live bar on a terminal, one line per epoch anywhere else."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -38,16 +39,22 @@ class PlainLive:
         return False
 
 
+@contextlib.contextmanager
 def live_logger(live_dir):
     """DVCLive when installed (imported here: it is slow to import), else PlainLive; into an empty
-    folder (a restarted worker's temporary may hold its first attempt's epochs)."""
+    folder (a restarted worker's temporary may hold its first attempt's epochs). It is closed only when
+    training ends well: an interrupted run's outs are dropped, and a worker stopping late must not write
+    into a temporary its stage has already removed."""
     remove_path(live_dir)
     try:
         from dvclive import Live
     except ImportError:
         log("finetune: dvclive not installed; writing its per-epoch TSV/JSON files directly")
-        return PlainLive(live_dir)
-    return Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+        yield PlainLive(live_dir)
+        return
+    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+    yield live
+    live.end()
 
 
 def log_epoch(live, row: dict) -> None:
