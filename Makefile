@@ -9,7 +9,7 @@ ABSBIN := $(abspath $(BIN))
 LOCK ?= requirements-lock.txt
 CONSTRAINT := $(if $(LOCK),-c $(LOCK),)
 
-.PHONY: demo report compare explain-all test test-isa lint run lock bench gpu-check clean
+.PHONY: demo report compare explain-all test test-all test-isa lint run lock bench gpu-check clean
 
 # The dependencies, then the project itself, editable (pyproject.toml: the package cnnlens only), so
 # `import cnnlens` works in a notebook without PYTHONPATH.
@@ -56,7 +56,13 @@ explain-all: build/plots.html
 # DVC and stage subprocesses (each imports torch), so two of them share 2 cores well.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+# The fast tests: every module's units and one small end-to-end pipeline (tests/test_params_reads.py), minutes.
 test: $(BIN)/.installed
+	$(PYTEST) -m "not integration" tests
+
+# Everything: also the integration tests (marked `integration`): real `dvc repro` in scratch projects,
+# remotes, several processes, kills and faults, the browser. CI runs this one.
+test-all: $(BIN)/.installed
 	$(PYTEST) tests
 
 # The tests that train (marked `trajectory`) again on the oldest vector kernels, SSE4.1 with no AVX: a

@@ -11,9 +11,13 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import run_stage
 from dvc_helpers import copy_project, dvc, dvc_json, finished_project, git, md5_file
+
+# slow (scratch repositories, DVC, several processes, kills): `make test-all`, not `make test`
+pytestmark = pytest.mark.integration
 
 
 def stage_command(project: Path, stage: str) -> list[str]:

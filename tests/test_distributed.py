@@ -149,6 +149,7 @@ def update_mismatch(one, two, start) -> float:
 TOLERANCE = 1e-4
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 @pytest.mark.trajectory
 @pytest.mark.parametrize("slicing", ["rank", "same"])
 def test_two_ranks_with_sync_batchnorm_equal_one_process(data, slicing):
@@ -169,6 +170,7 @@ def test_two_ranks_with_sync_batchnorm_equal_one_process(data, slicing):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 @pytest.mark.trajectory
 def test_two_streaming_ranks_read_only_their_rows_and_equal_one_process(data, tmp_path):
     """The same run with the images streamed from shards (resident_mb 0): each rank reads only its rows of
@@ -283,6 +285,7 @@ if os.environ.get("RANK") == "1":
 """
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 def test_a_failing_rank_fails_the_stage_with_its_message_and_no_output(tmp_path, stage):
     cmd = stage("failing", nproc_per_node=2, batch_size=8)
     proc = subprocess.run(
@@ -319,6 +322,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killing_the_stage_leaves_no_workers(tmp_path, stage, sig):
@@ -352,6 +356,7 @@ def test_killing_the_stage_leaves_no_workers(tmp_path, stage, sig):
             proc.wait()
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 def test_two_nodes_on_one_machine_complete_an_epoch(tmp_path, stage):
     endpoint = f"127.0.0.1:{free_port()}"
     common = dict(nnodes=2, rdzv_endpoint=endpoint, batch_size=8)
@@ -388,6 +393,7 @@ def lonely_node(stage, name: str, **train) -> tuple[list[str], str]:
     return stage(name, nnodes=2, node_rank=1, rdzv_endpoint=endpoint, batch_size=8, **train), endpoint
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 def test_a_node_nobody_meets_stops_after_rdzv_timeout(tmp_path, stage):
     """Before: no train.rdzv_timeout; torch's default wait of 900 s, twice, silent."""
     cmd, endpoint = lonely_node(stage, "lonely", rdzv_timeout=3)
@@ -408,6 +414,7 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_waiting_node_stops_within_seconds_on_a_signal(tmp_path, stage, sig):
@@ -437,6 +444,7 @@ def test_a_waiting_node_stops_within_seconds_on_a_signal(tmp_path, stage, sig):
     assert no_outputs(tmp_path / "waiting") == []
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 def test_dvc_repro_runs_finetune_with_two_processes(tmp_path_factory, tmp_path):
     # the tiny project test_dvc.py builds once per session; here only finetune reruns, with 2 processes
     project = copy_project(finished_project(tmp_path_factory)[0], tmp_path / "project")

@@ -36,6 +36,9 @@ from dvc_helpers import (
     stage_report,
 )
 
+# slow (scratch repositories, DVC, several processes, kills): `make test-all`, not `make test`
+pytestmark = pytest.mark.integration
+
 STAGES = dvc_yaml_stages()
 DOWNSTREAM_OF_MODEL = {"finetune", "evaluate", "saliency", "activations", "export"}
 

@@ -26,6 +26,9 @@ from PIL import Image
 
 from cnnlens.tensors import load_split
 
+# slow (scratch repositories, DVC, several processes, kills): `make test-all`, not `make test`
+pytestmark = pytest.mark.integration
+
 RNG = np.random.default_rng(0)
 
 

@@ -124,6 +124,7 @@ def one_line_error(proc) -> str:
     return lines[0]
 
 
+@pytest.mark.integration  # slow: make test-all
 def test_exit_codes(project, tmp_path):
     models, image = project / "models", project / "data/raw/val/ants/0000.png"
     (tmp_path / "junk.jpg").write_text("junk")
@@ -325,6 +326,7 @@ def test_defaults_agree_with_prepare_and_the_console_script_exists():
 
 
 @needs_ort
+@pytest.mark.integration  # slow: make test-all
 def test_the_benchmark_runs_dry(project, tmp_path):
     """bench/bench_predict.py with tiny settings: every number is there and positive."""
     out = tmp_path / "bench.json"

@@ -32,6 +32,9 @@ from dvc_helpers import (
     wait_for_port,
 )
 
+# slow (scratch repositories, DVC, several processes, kills): `make test-all`, not `make test`
+pytestmark = pytest.mark.integration
+
 STAGES = dvc_yaml_stages()
 DOWNSTREAM_OF_MODEL = {"finetune", "evaluate", "saliency", "activations", "export"}
 

@@ -132,6 +132,7 @@ CHAIN = [
 ]
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 @pytest.mark.trajectory  # bit-identical on one machine with one kernel set
 def test_killed_and_interrupted_anywhere_then_rerun_gives_the_same_bytes(tmp_path, data, weights):
     ref = finetune(tmp_path, data, weights, "ref")
@@ -171,6 +172,7 @@ def kill_after_one_step(tmp_path, data, weights, name, **train) -> Path:
     return found
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 def test_changed_inputs_start_over_and_say_which_changed(tmp_path, data, weights):
     kill_after_one_step(tmp_path, data, weights, "x")
     # params that only decide how it runs resume: checkpoint_every, resume, nproc_per_node, ...
@@ -197,6 +199,7 @@ def test_changed_inputs_start_over_and_say_which_changed(tmp_path, data, weights
     assert "train.resume = never: starting from epoch 1" in proc.stderr
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
 def test_a_damaged_checkpoint_is_one_line_and_a_fresh_start(tmp_path, data, weights, damage):
     state = kill_after_one_step(tmp_path, data, weights, "x") / checkpoint.STATE
@@ -239,6 +242,7 @@ EARLY = {"epochs": 8, "lr": 0.01, "step_size": 100, "patience": 2}
 RESNET = {"weights": "none", "arch": "resnet18"}
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 @pytest.mark.trajectory
 def test_early_stopping_stops_at_the_right_epoch_and_resumes_to_the_same_bytes(tmp_path, data, weights):
     full = finetune(tmp_path, data, weights, "full", model=RESNET, **{**EARLY, "patience": 0})
@@ -373,6 +377,7 @@ def ddp_data(tmp_path_factory):
     return make_prepared(tmp_path_factory.mktemp("ddp"), n_train=21, n_val=7, size=20)
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 @pytest.mark.trajectory
 def test_a_checkpoint_of_two_ranks_resumes_with_two_and_with_one(tmp_path, ddp_data, one_thread):
     """SAME (tests/test_distributed.py): 2 epochs of 4 global batches of 6, 6, 6, 3. Rank 1 asks to stop
@@ -414,6 +419,7 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
 """
 
 
+@pytest.mark.integration  # slow (processes, kills): make test-all
 def test_a_killed_worker_is_restarted_and_every_rank_resumes(tmp_path, data, weights):
     params = write_params(
         tmp_path / "p.yaml",

@@ -191,6 +191,7 @@ def shard_rss(folder: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+@pytest.mark.integration  # slow: make test-all
 def test_random_reads_keep_the_mapped_shard_pages_under_the_release_size(tmp_path, monkeypatch):
     """Random 12 KiB rows (64 px), far smaller than the 64 KiB the kernel maps around a read fault: the
     shard pages mapped into the process stay under RELEASE_BYTES however many rows are read. Counting

@@ -146,6 +146,7 @@ def test_stage_outputs_and_cpu_determinism(tmp_path, prepared):
 
 
 @pytest.mark.trajectory
+@pytest.mark.integration  # slow: make test-all
 def test_cache_features_needs_frozen_unaugmented(tmp_path, prepared):
     proc = finetune(tmp_path, prepared, "c", cache_features=True)
     assert proc.returncode == 2 and "cache_features" in proc.stderr

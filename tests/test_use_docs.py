@@ -11,9 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from PIL import Image
 from use_helpers import needs_ort, shared_tiny_project
+
+# slow (scratch repositories, DVC, several processes, kills): `make test-all`, not `make test`
+pytestmark = pytest.mark.integration
 
 DOC = ROOT / "docs" / "use-the-model.md"
 KINDS = ("tiny", "author", "teammate")
