@@ -55,7 +55,7 @@ def headline_text(results: dict, isa: str) -> str:
     ev, tr, quality = results["eval"], results["train"], results["quality"]
     lines = [
         f"this run: val accuracy {ev['accuracy']:.3f} (balanced {ev['balanced_accuracy']:.3f}, "
-        f"ECE {ev['ece']:.3f}), best epoch {tr['best_epoch']} of {tr['last_epoch']['epoch']}, kernels {isa}. "
+        f"ECE {ev['ece']:.3f}), best epoch {tr['best_epoch']} of {tr['stopped_epoch']}, kernels {isa}. "
         "A rerun on this machine with the same kernels gives the same numbers bit for bit; another CPU "
         "gives other numbers (README.md, Reproducibility).",
         "saliency (95% CI) vs a random map:",

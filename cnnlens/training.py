@@ -23,7 +23,6 @@ from torch import nn
 
 from cnnlens.checkpoint import Interrupted, Schedule, StopRequest, Store
 from cnnlens.cli import log
-from cnnlens.devices import device_name
 from cnnlens.errors import ParamsError, StageError
 from cnnlens.live import Progress
 from cnnlens.model import autocast, get_module, head_name, predict_logits, set_module
@@ -658,7 +657,8 @@ def summary(h: History) -> str:
 
 
 def train_metrics(h: History, device, devices: list[str] | None = None) -> dict:
-    """metrics/train.json; with several processes also the world size and every rank's device."""
+    """metrics/train.json, the headline (every epoch's values are in the DVCLive folder, plots/train); with
+    several processes also the world size."""
     last = h.epochs[-1]
     cuda = {}
     if device.type == "cuda":  # CPU metrics keep their keys (and bytes) as before
@@ -669,12 +669,9 @@ def train_metrics(h: History, device, devices: list[str] | None = None) -> dict:
     return {
         "best_val_acc": h.best_val_acc,
         "best_epoch": h.best_epoch,
-        "last_epoch": {k: last[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
         "stopped_epoch": last["epoch"],
         "stop_reason": h.stop_reason,
         "total_seconds": round(h.train_seconds, 3),
-        "images_per_second": round(h.images_seen / max(h.train_seconds, 1e-9), 2),
-        "device": device_name(device),
         **cuda,
-        **({"world_size": len(devices), "devices": devices} if devices else {}),
+        **({"world_size": len(devices)} if devices else {}),
     }

@@ -374,7 +374,7 @@ def test_two_nodes_on_one_machine_complete_an_epoch(tmp_path, stage):
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(e[-2000:] for e in errs)
     metrics = json.loads((tmp_path / "node0" / "train.json").read_text())
     assert metrics["world_size"] == 2 and len(metrics["devices"]) == 2
-    assert metrics["last_epoch"]["epoch"] == 1
+    assert metrics["stopped_epoch"] == 1
     assert (tmp_path / "node0" / "models" / "model.pt").is_file()
     assert no_outputs(tmp_path / "node1") == []  # only node 0 writes
 

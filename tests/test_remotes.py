@@ -161,7 +161,7 @@ def reuse_uncommitted_run(a: Path, b: Path, local_config: list[list[str]], with_
     # metrics diff against the commit: the committed run's metrics come from the cache or the remote
     diff = dvc_json(b, "metrics", "diff")
     assert diff == dvc_json(a, "metrics", "diff")
-    assert "last_epoch.train_loss" in diff["metrics/train.json"], diff
+    assert "best_val_acc" in diff["metrics/train.json"] or "total_seconds" in diff["metrics/train.json"], diff
 
 
 def test_teammate_reuses_an_uncommitted_run_through_a_local_directory_remote(clone_a, tmp_path):

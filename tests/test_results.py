@@ -16,7 +16,7 @@ def write_run(root: Path) -> None:
     (root / "metrics").mkdir(parents=True)
     (root / "plots" / "saliency").mkdir(parents=True)
     ev = {"accuracy": 0.98693, "balanced_accuracy": 0.9857, "ece": 0.0301}
-    tr = {"best_epoch": 7, "last_epoch": {"epoch": 7}}
+    tr = {"best_epoch": 7, "stopped_epoch": 7}
     ci = lambda m, lo, hi: {"mean": m, "low": lo, "high": hi}
     quality = {
         "gradient": {"deletion_auc": ci(0.21, 0.18, 0.25), "insertion_auc": ci(0.6, 0.55, 0.66)},
