@@ -43,18 +43,18 @@ def loop_options(tp) -> LoopOptions:
     return LoopOptions(loss=loss, **{name: getattr(tp, name) for name in names})
 
 
-def params_digest_of(p, *, leave_out=()) -> str:
+def params_digest_of(params, *, leave_out=()) -> str:
     """model.params_digest of the params that shape the model, the keys this stage declares in dvc.yaml
     (the data and the downloaded weights are deps, hashed by DVC), but the train keys in `leave_out`."""
-    train_values = {k: v for k, v in to_dict(p.train).items() if k not in leave_out}
-    return params_digest({"seed": p.seed, "model.arch": p.model.arch, "train": train_values})
+    train_values = {k: v for k, v in to_dict(params.train).items() if k not in leave_out}
+    return params_digest({"seed": params.seed, "model.arch": params.model.arch, "train": train_values})
 
 
-def checkpoint_store(args, p) -> checkpoint.Store:
+def checkpoint_store(args, params) -> checkpoint.Store:
     """This run's resumable checkpoint, keyed by its inputs: params, data, weights, code (docs/resume.md)."""
-    digest = params_digest_of(p, leave_out=checkpoint.HOW_IT_RUNS)
+    digest = params_digest_of(params, leave_out=checkpoint.HOW_IT_RUNS)
     inputs = checkpoint.inputs(params=digest, data=args.data, weights=args.weights, code=__file__)
-    return checkpoint.Store(checkpoint.folder_for(args.model), inputs, resume=p.train.resume == "auto")
+    return checkpoint.Store(checkpoint.folder_for(args.model), inputs, resume=params.train.resume == "auto")
 
 
 def worker_args(args, outs) -> list[str]:
@@ -67,40 +67,42 @@ def worker_args(args, outs) -> list[str]:
 def run_worker(argv) -> None:
     """A worker: join the process group, train its slices; rank 0 writes the outs the launcher named."""
     with distributed.reported_errors():
-        args, p = stage_args(__doc__, PATHS, argv=argv)  # no locks: the launcher holds them
-        with distributed.World(select_device(p.train.device), p.train.backend) as world:
-            check_cache_features(p.train.cache_features, p.train.mode, p.train.augment)
-            if p.train.threads == 0:  # torch's default: the cores shared among this machine's processes
+        args, params = stage_args(__doc__, PATHS, argv=argv)  # no locks: the launcher holds them
+        with distributed.World(select_device(params.train.device), params.train.backend) as world:
+            check_cache_features(params.train.cache_features, params.train.mode, params.train.augment)
+            if params.train.threads == 0:  # torch's default: the cores shared among this machine's processes
                 world.share_cores()
-            train_and_write(args, p, world.device, outs=[args.live, args.model, args.metrics], world=world)
+            train_and_write(
+                args, params, world.device, outs=[args.live, args.model, args.metrics], world=world
+            )
 
 
-def train_and_write(args, p, device, *, outs, world=None) -> None:
+def train_and_write(args, params, device, *, outs, world=None) -> None:
     """Train and write the three outs (live, model, metrics) into `outs`; with a `world`, rank 0 only."""
-    tp = p.train
-    configure_torch(device, p.seed, threads=tp.threads, deterministic=tp.deterministic)
+    tp = params.train
+    configure_torch(device, params.seed, threads=tp.threads, deterministic=tp.deterministic)
     writes = world is None or world.rank == 0
     classes = load_classes(args.data)
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
-    model, weights_info = initial_model(p.model.arch, len(classes), args.weights)
+    model, weights_info = initial_model(params.model.arch, len(classes), args.weights)
     if writes:
         log(
-            f"finetune: {p.model.arch} ({weights_info.get('source')} weights), {tp.mode}, loss={tp.loss}, "
+            f"finetune: {params.model.arch} ({weights_info.get('source')} weights), {tp.mode}, loss={tp.loss}, "
             f"{len(train_split)} train / {len(val_split)} val images, {tp.epochs} epochs on {device_name(device)}"
         )
-    same_on_every_node = params_digest_of(p, leave_out={"node_rank"})
+    same_on_every_node = params_digest_of(params, leave_out={"node_rank"})
     devices = None if world is None else distributed.same_params(world, same_on_every_node, device)
     fit = functools.partial(train, model, train_split, val_split, options=loop_options(tp), device=device)
     if not writes:
-        fit(seed=p.seed, world=world)
+        fit(seed=params.seed, world=world)
         return
     live_dir, model_dir, metrics = outs
     with live_logger(live_dir) as live:
         on_epoch = functools.partial(log_epoch, live)
-        history = fit(seed=p.seed, on_epoch=on_epoch, world=world, store=checkpoint_store(args, p))
+        history = fit(seed=params.seed, on_epoch=on_epoch, world=world, store=checkpoint_store(args, params))
     model.load_state_dict(history.best_state)
     meta = checkpoint_meta(
-        arch=p.model.arch,
+        arch=params.model.arch,
         classes=classes,
         crop=tp.crop,
         resize=int(train_split.images.shape[-1]),
@@ -108,7 +110,7 @@ def train_and_write(args, p, device, *, outs, world=None) -> None:
         mode=tp.mode,
         weights_info=weights_info,
         best_epoch=history.best_epoch,
-        digest=params_digest_of(p),
+        digest=params_digest_of(params),
     )
     save_checkpoint(model_dir, model, meta)
     write_json(metrics, train_metrics(history, device, devices))
@@ -119,8 +121,8 @@ def train_and_write(args, p, device, *, outs, world=None) -> None:
 def main(argv=None):
     if distributed.is_worker():  # one of several processes, started by launch() below
         return run_worker(argv)
-    args, p = stage_args(__doc__, PATHS, argv=argv)
-    tp = p.train
+    args, params = stage_args(__doc__, PATHS, argv=argv)
+    tp = params.train
     device = select_device(tp.device)
     check_cache_features(tp.cache_features, tp.mode, tp.augment)
     world = plan_world(tp, device)
@@ -130,11 +132,11 @@ def main(argv=None):
     if world.node_rank != 0:  # node 0's rank 0 writes the outputs and the checkpoint; the others only train
         return distributed.launch(world, worker_args(args, outs), max_restarts=tp.max_restarts)
     lock_outputs(*outs)
-    store = checkpoint_store(args, p).lock()  # the checkpoint rank 0 writes
+    store = checkpoint_store(args, params).lock()  # the checkpoint rank 0 writes
     # several processes: rank 0 writes into these temporaries; they replace the outs if every rank succeeded
     with atomic_outputs(*outs) as tmps:
         if world.size == 1:
-            train_and_write(args, p, device, outs=tmps)
+            train_and_write(args, params, device, outs=tmps)
         else:
             distributed.launch(world, worker_args(args, tmps), max_restarts=tp.max_restarts)
     store.remove()  # the outs are committed: the checkpoint has done its job
