@@ -373,7 +373,7 @@ def test_two_nodes_on_one_machine_complete_an_epoch(tmp_path, stage):
     errs = [n.communicate(timeout=300)[1] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(e[-2000:] for e in errs)
     metrics = json.loads((tmp_path / "node0" / "train.json").read_text())
-    assert metrics["world_size"] == 2 and len(metrics["devices"]) == 2
+    assert metrics["world_size"] == 2
     assert metrics["stopped_epoch"] == 1
     assert (tmp_path / "node0" / "models" / "model.pt").is_file()
     assert no_outputs(tmp_path / "node1") == []  # only node 0 writes
@@ -452,6 +452,6 @@ def test_dvc_repro_runs_finetune_with_two_processes(tmp_path_factory, tmp_path):
     out = dvc(project, "repro", "finetune").stdout
     assert stage_report(out)["ran"] == {"finetune"}, out[-3000:]
     metrics = json.loads((project / "metrics" / "train.json").read_text())
-    assert metrics["world_size"] == 2 and len(metrics["devices"]) == 2
+    assert metrics["world_size"] == 2
     assert (project / "models" / "model.pt").is_file()
     assert dvc_json(project, "status", "finetune") == {}  # what DVC recorded is what is on disk

@@ -337,11 +337,10 @@ def test_headline_metrics_and_the_log_table_leave_out_what_does_not_apply():
         "n_images": 2,
         "seconds": 3.5,
     }
-    assert Q.headline_metrics(full, methods=["gradient", "gradcam"]) == {
-        "gradient": {"deletion_auc": 0.2, "insertion_auc": 0.7},
-        "gradcam": {"deletion_auc": 0.3, "insertion_auc": 0.6},
-        "random": {"deletion_auc": 0.5, "insertion_auc": 0.5},
-        "seconds": 3.5,
+    assert Q.headline_metrics(full, methods=["gradient", "gradcam"]) == {  # no timings: they differ per run
+        "gradient": {"deletion_auc": 0.2},
+        "gradcam": {"deletion_auc": 0.3},
+        "random": {"deletion_auc": 0.5},
     }
     full["gradient"]["pointing_game"] = ci(0.75)
     full["gradcam"]["pointing_game"] = ci(float("nan"))  # no images scored: does not apply either
@@ -377,13 +376,12 @@ def test_tables_are_sorted_best_deletion_first_and_the_headline_holds_road_and_t
     assert table[table.method == "gradcam"].metric.tolist() == ["deletion_auc", "road_morf", "road_lerf"]
     full = {**metrics, "gradcam_layer": {"name": "layer1", "grid": [12, 12], "asked": "auto"}, "seconds": 2.0}
     headline = Q.headline_metrics(full, methods=["gradcam", "gradient"])
-    assert headline["gradcam"] == {"deletion_auc": 0.6, "road_morf": 0.5, "road_lerf": 0.7}
+    assert headline["gradcam"] == {"deletion_auc": 0.6}  # ROAD: in quality.json, not the headline
     assert headline["gradcam_grid"] == 12 and list(headline) == [
         "gradcam",
         "gradient",
         "random",
         "gradcam_grid",
-        "seconds",
     ]
     assert all(isinstance(v, (int, float)) for v in headline["gradcam"].values())  # DVC metrics: numbers only
 
