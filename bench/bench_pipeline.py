@@ -1,11 +1,13 @@
-"""Pipeline timings on this machine: `make demo` from scratch, a no-op `dvc repro`, and each
-stage rerun on its own with its wall time and peak RSS.
+"""Pipeline timings on this machine: `make demo` from scratch, a no-op `dvc repro`, `dvc repro -f`, and each
+stage rerun on its own with its wall time, peak RSS and import time.
 
     python bench/bench_pipeline.py [--demo demo] [--skip-demo]
 
-Runs scripts/demo.sh (unless --skip-demo), then inside demo/: `dvc repro` again (nothing to do),
-then every stage's command from dvc.yaml directly (so DVC's own overhead is not counted), each
-in its own process, measured with os.wait4. Prints a JSON report. Needs DVC (CPU machine).
+Runs scripts/demo.sh (unless --skip-demo), then inside demo/: `dvc repro` again (nothing to do), `dvc repro
+-f` (every stage, warm) against the finetune stage's training seconds (the target: at most 2x), then every
+stage's command from dvc.yaml directly (so DVC's own overhead is not counted), each in its own process,
+measured with os.wait4, and the seconds its imports take (`python -X importtime -c "import stages.<name>"`).
+Prints a JSON report. Needs DVC (CPU machine).
 """
 
 import argparse
@@ -34,6 +36,20 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> dict:
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
+def import_seconds(module: str, cwd: Path, env: dict) -> float:
+    """Seconds `import <module>` takes in a fresh interpreter (-X importtime: the top-level imports' sum)."""
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    rows = [line.split("|") for line in run.stderr.splitlines() if line.startswith("import time:")]
+    names = {module, module.split(".")[0]}  # the package, then the module with all it imports
+    return round(sum(int(r[1]) for r in rows[1:] if r[2].strip() in names) / 1e6, 2)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, default=ROOT / "demo")
@@ -52,10 +68,19 @@ def main():
         report["make_demo_from_scratch"] = timed(["bash", str(ROOT / "scripts" / "demo.sh")], ROOT, env)
     report["noop_dvc_repro"] = timed(["dvc", "repro"], args.demo, env)
     report["dvc_status"] = timed(["dvc", "status"], args.demo, env)
+    report["dvc_repro_force"] = timed(["dvc", "repro", "-f"], args.demo, env)
+    training = json.loads((args.demo / "metrics" / "train.json").read_text())["total_seconds"]
+    report["dvc_repro_force"]["over_training_seconds"] = round(
+        report["dvc_repro_force"]["seconds"] / training, 2
+    )
     stages = yaml.safe_load((args.demo / "dvc.yaml").read_text())["stages"]
     report["stages"] = {}
     for name, stage in stages.items():
-        report["stages"][name] = timed(shlex.split(stage["cmd"]), args.demo, env)
+        cmd = shlex.split(stage["cmd"])
+        report["stages"][name] = {
+            **timed(cmd, args.demo, env),
+            "import_s": import_seconds(cmd[2], args.demo, env),
+        }
         print(f"{name}: {report['stages'][name]}", file=sys.stderr, flush=True)
     saliency = args.demo / "plots" / "saliency" / "quality.json"  # every number; metrics/: the headline
     if saliency.exists():
