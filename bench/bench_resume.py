@@ -139,10 +139,10 @@ def same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def overhead(cache: Path, repeats: int) -> dict:
+def overhead(cache: Path, repeats: int, *, checkpointed: Path) -> dict:
     """Alternating runs without and with checkpoints; their training seconds and the ratio of medians."""
     runs = {"none": [], "default": []}
-    params = {"none": params_with(cache, "none", checkpoint_every=1e9), "default": cache / "params.yaml"}
+    params = {"none": params_with(cache, "none", checkpoint_every=1e9), "default": checkpointed}
     for i in range(repeats):
         for kind in ("none", "default") if i % 2 == 0 else ("default", "none"):
             out = cache / "runs" / f"{kind}-{i}"
@@ -166,15 +166,15 @@ def overhead(cache: Path, repeats: int) -> dict:
     }
 
 
-def kills(cache: Path, count: int, seed: int, span: float, wall: float) -> dict:
+def kills(cache: Path, count: int, seed: int, span: float, wall: float, *, params: Path) -> dict:
     """`count` runs SIGKILLed at a uniform moment of training, each rerun to the end."""
     rng, trials = random.Random(seed), []
     for i in range(count):
         out = cache / "runs" / f"kill-{i}"
         shutil.rmtree(out, ignore_errors=True)
         at = rng.uniform(0, span)
-        killed = finetune(cache, out, cache / "params.yaml", kill_after=at)
-        rerun = finetune(cache, out, cache / "params.yaml")
+        killed = finetune(cache, out, params, kill_after=at)
+        rerun = finetune(cache, out, params)
         check(rerun, f"the rerun after kill {i + 1}")
         done = rerun.get("resumed", {}).get("done", 0.0)
         trial = {
@@ -208,16 +208,28 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a dry run on tiny images")
     ap.add_argument("--cache", type=Path, default=ROOT / "bench/.cache/resume")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--every", type=float, help="train.checkpoint_every of the checkpointed runs (default: params')"
+    )
     args = ap.parse_args()
     cache = args.cache.with_name(args.cache.name + "-tiny") if args.tiny else args.cache
     load = os.getloadavg()
     print(f"bench_resume: load average {load[0]:.2f} on {os.cpu_count()} CPUs (measure on an idle machine)")
     prepare(cache, args.tiny)
-    print("overhead: finetune without checkpoints (checkpoint_every 1e9) and with the default, alternately")
-    result = {"load_before": load, "overhead": overhead(cache, args.repeats)}
+    every = {} if args.every is None else {"checkpoint_every": args.every}
+    checkpointed = params_with(cache, "checkpointed", **every)
+    print(
+        f"overhead: finetune without checkpoints (checkpoint_every 1e9) and with {every or 'the default'}, alternately"
+    )
+    result = {
+        "load_before": load,
+        "every": args.every,
+        "overhead": overhead(cache, args.repeats, checkpointed=checkpointed),
+    }
     o = result["overhead"]
     print(f"kills: {args.kills} at uniform moments of the {o['median_train_seconds']:.1f} s of training")
-    result["kills"] = kills(cache, args.kills, args.seed, o["median_train_seconds"], o["median_wall_seconds"])
+    spans = (o["median_train_seconds"], o["median_wall_seconds"])
+    result["kills"] = kills(cache, args.kills, args.seed, *spans, params=checkpointed)
     result["load_after"] = os.getloadavg()
     k = result["kills"]
     seconds = {kind: statistics.median(v) for kind, v in o["train_seconds"].items()}
