@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cnnlens.cli import log
 from cnnlens.errors import StageError, disk_error_line
-from cnnlens.files import lock_outputs, release_locks, remove_path
+from cnnlens.files import fsync_dir, lock_outputs, release_locks, remove_path
 
 FORMAT = 1
 MAGIC = b"cnnlens-ckpt-v1\n"  # then the SHA-256 (32 bytes) of everything before it
@@ -148,13 +148,7 @@ def write_state(path: Path, state: dict) -> None:
         os.replace(tmp, path)
     finally:
         remove_path(tmp)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # not every filesystem syncs a folder
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def read_state(path: Path) -> dict:

@@ -169,7 +169,7 @@ def _install(entry: tuple[Path, Path, Path], done: list[tuple[Path, Path]]) -> N
 
 def _finish(entries, journals) -> None:
     for folder in dict.fromkeys(path.parent for path, _, _ in entries):
-        _fsync_dir(folder)  # the renames reach the disk before the journals go
+        fsync_dir(folder)  # the renames reach the disk before the journals go
     for _, _, old in entries:
         remove_path(old)
     _remove_journals(journals)
@@ -231,7 +231,7 @@ def _write_journal(journal: Path, entries) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, journal)
-    _fsync_dir(journal.parent)
+    fsync_dir(journal.parent)
 
 
 def _read_journal(journal: Path, path: Path) -> list[tuple[Path, Path, Path]]:
@@ -259,7 +259,8 @@ def _remove_journals(journals: list[Path], quiet: bool = False) -> None:
                 raise
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the filesystem can sync a folder)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
