@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, make_prepared, make_weights_dir, run_stage, write_params
-from test_distributed import SAME, TOLERANCE, stage_env, tiny_net, update_mismatch
+from test_distributed import SAME, TOLERANCE, launch_ranks, stage_env, tiny_net, update_mismatch
 
 from cnnlens import checkpoint
 from cnnlens.checkpoint import Store
@@ -217,11 +217,14 @@ def test_a_damaged_checkpoint_is_one_line_and_a_fresh_start(tmp_path, data, weig
     assert outs(tmp_path / "x") == outs(tmp_path / "ref"), ref.stderr[-2000:]
 
 
+@pytest.mark.trajectory  # trains from random init: test-isa reruns it on SSE4.1 kernels
 def test_a_non_finite_loss_stops_with_one_line_and_writes_nothing(tmp_path, data, weights):
     proc = finetune(tmp_path, data, weights, "nan", lr=1e6, model=RESNET)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: finetune: non-finite loss at epoch 1 step "), proc.stderr[-3000:]
+    # which check sees the blow-up first (the loss of a step, or the weights at the epoch's end) depends on
+    # the CPU's kernels (SSE4.1 vs AVX-512 here): either is the same one line
+    assert re.match(r"error: finetune: non-finite (loss at|weights after) epoch 1 step \d+", last), last
     assert last.endswith("(train.lr = 1000000.0 may be too high); nothing was written"), last
     assert "Traceback" not in proc.stderr
     assert list((tmp_path / "nan").iterdir()) == []  # no outs, no temporaries, no checkpoint
@@ -355,23 +358,6 @@ def fit(data_dir, overrides, *, world=None, store=None) -> tuple[torch.nn.Module
     return model, history
 
 
-def launch(n: int, *args) -> dict:
-    import uuid
-
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=n,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
-        max_restarts=0,
-    )
-    return elastic_launch(config, rank_run)(*args)
-
-
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory):
     return make_prepared(tmp_path_factory.mktemp("ddp"), n_train=21, n_val=7, size=20)
@@ -386,10 +372,10 @@ def test_a_checkpoint_of_two_ranks_resumes_with_two_and_with_one(tmp_path, ddp_d
     overrides = {**SAME, "checkpoint_every": 0}
     one, one_history = fit(str(ddp_data), overrides)
     start = tiny_net().state_dict()
-    stopped = launch(2, str(ddp_data), str(tmp_path / "a"), overrides, 3)
+    stopped = launch_ranks(2, str(ddp_data), str(tmp_path / "a"), overrides, 3, fn=rank_run)
     assert stopped[0] == stopped[1] == "interrupted at epoch 1 step 4; rerun to resume", stopped
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    two, two_epochs = launch(2, str(ddp_data), str(tmp_path / "a"), overrides, 0)[0]
+    two, two_epochs = launch_ranks(2, str(ddp_data), str(tmp_path / "a"), overrides, 0, fn=rank_run)[0]
     model, history = fit(str(ddp_data), overrides, store=Store(tmp_path / "b", {"test": "2 ranks"}))
     for state, epochs in ((two, two_epochs), (model.state_dict(), history.epochs)):
         mismatch = update_mismatch(one.state_dict(), state, start)
