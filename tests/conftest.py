@@ -165,3 +165,17 @@ def checkpoint_meta(crop: int, loss: str = "cross_entropy") -> dict:
         "mean": list(MEAN),
         "std": list(STD),
     }
+
+
+def run_main_in_process(main, argv, capsys) -> tuple[int, str]:
+    """Run a stage's main as its process would (cli.run_main), the locks it takes released as at the
+    process's exit; returns (exit code, stderr)."""
+    from cnnlens.cli import run_main
+    from cnnlens.files import release_locks
+
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_main(main, [str(a) for a in argv])
+    finally:
+        release_locks()
+    return stop.value.code, capsys.readouterr().err

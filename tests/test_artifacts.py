@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, checkpoint_meta, make_prepared, make_weights_dir, write_params
+from conftest import (
+    TINY_TRAIN,
+    checkpoint_meta,
+    make_prepared,
+    make_weights_dir,
+    run_main_in_process,
+    write_params,
+)
 
 from cnnlens.errors import StageError
 from cnnlens.model import build_model, load_checkpoint, save_checkpoint
@@ -35,19 +42,6 @@ def edit_index(prepared: Path, change) -> None:
     path.write_text(json.dumps(index))
 
 
-def run_in_process(main, argv, capsys) -> tuple[int, str]:
-    """A stage's main as its process runs it (run_main), the locks it took released as at exit."""
-    from cnnlens.cli import run_main
-    from cnnlens.files import release_locks
-
-    try:
-        with pytest.raises(SystemExit) as stop:
-            run_main(main, [str(a) for a in argv])
-    finally:
-        release_locks()
-    return stop.value.code, capsys.readouterr().err
-
-
 def one_line(code: int, err: str, *words) -> str:
     """Exit code 1, stderr a single `error:` line holding every word."""
     lines = err.strip().splitlines()
@@ -62,7 +56,7 @@ def finetune(tmp_path, prepared, capsys) -> tuple[int, str]:
 
     params = write_params(tmp_path / "params.yaml", {"model": {"weights": "none"}, "train": TINY_TRAIN})
     out = tmp_path / "out"
-    code, err = run_in_process(
+    code, err = run_main_in_process(
         stage.main,
         ["--data", prepared, "--weights", make_weights_dir(tmp_path / "w"), "--model", out / "models"]
         + ["--metrics", out / "train.json", "--live", out / "live", "--params", params],
@@ -90,7 +84,7 @@ def evaluate(tmp_path, prepared, capsys, models=None) -> tuple[int, str]:
     models = models or save_model(tmp_path / "models")
     params = write_params(tmp_path / "params.yaml", {"evaluate": {"device": "cpu"}})
     out = tmp_path / "eval"
-    code, err = run_in_process(
+    code, err = run_main_in_process(
         stage.main,
         ["--data", prepared, "--model", models, "--metrics", out / "eval.json", "--plots", out / "plots"]
         + ["--params", params],

@@ -107,7 +107,8 @@ def train_rank(data_dir: str, overrides: dict, slicing: str):
     return model.state_dict(), history.epochs, sum(read)
 
 
-def launch_ranks(n: int, *args) -> dict:
+def launch_ranks(n: int, *args, fn=None) -> dict:
+    """Run `fn(*args)` (default: train_rank) as n local ranks with torchrun's launcher; {rank: result}."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
@@ -119,7 +120,7 @@ def launch_ranks(n: int, *args) -> dict:
         rdzv_endpoint="127.0.0.1:0",
         max_restarts=0,
     )
-    return elastic_launch(config, train_rank)(*args)
+    return elastic_launch(config, fn or train_rank)(*args)
 
 
 def one_process(data_dir, overrides):

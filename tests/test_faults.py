@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, make_prepared, run_stage, write_params
+from conftest import ROOT, make_prepared, run_main_in_process, run_stage, write_params
 from PIL import Image
 
 from cnnlens.tensors import load_split
@@ -230,19 +230,6 @@ def test_read_only_metrics_folder_keeps_the_old_plots(tmp_path, mount_tmpfs):
     one_line_error(proc, "Read-only file system", str(metrics))
     assert sorted(p.name for p in plots.iterdir()) == ["old.csv"], "plots replaced without their metrics"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-
-
-def run_main_in_process(main, argv, capsys) -> tuple[int, str]:
-    """Run a stage's main as its process would, the locks it takes released as at the process's exit."""
-    from cnnlens.cli import run_main
-    from cnnlens.files import release_locks
-
-    try:
-        with pytest.raises(SystemExit) as stop:
-            run_main(main, [str(a) for a in argv])
-    finally:
-        release_locks()
-    return stop.value.code, capsys.readouterr().err
 
 
 def test_injected_enospc_on_the_metrics_leaves_old_outs(tmp_path, monkeypatch, capsys):
