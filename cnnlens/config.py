@@ -10,8 +10,10 @@ them can expand to gigabytes) is one ParamsError line too.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import importlib
+import functools
+import importlib.util
 import math
 import reprlib
 import types
@@ -24,20 +26,29 @@ import yaml
 from cnnlens.devices import DEVICES
 from cnnlens.errors import ParamsError
 
-# Choices that a library registry owns: field metadata names the registry, _check reads it. Imported
-# when a file is validated, not when this module is, so that a stage's code deps (dvc.yaml) stay the
-# modules its results come from: a new saliency method must not rerun download.
+# Choices that a library registry owns: field metadata names the registry, _check reads it. Read from
+# the module's source (a dict literal's keys), not by importing it: the registries live beside torch
+# code, and importing torch (over a second) only to check a name would cost every torch-free stage
+# (download, prepare) that much. Nor are they imported when this module is, so that a stage's code deps
+# (dvc.yaml) stay the modules its results come from: a new saliency method must not rerun download.
 REGISTRIES = {
     "archs": ("cnnlens.model", "ARCHS"),
     "losses": ("cnnlens.losses", "LOSSES"),
     "methods": ("cnnlens.attribution", "METHODS"),
-    "layers": ("cnnlens.hooks", "LAYERS"),
+    "layers": ("cnnlens.hooks", "RESNET_LAYERS"),
 }
 
 
+@functools.cache
 def registry_choices(name: str) -> tuple[str, ...]:
+    """The keys of the registry `name`, in order, from its module's source (tests check they equal the
+    imported dict's)."""
     module, attr = REGISTRIES[name]
-    return tuple(getattr(importlib.import_module(module), attr))
+    source = Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == attr for t in node.targets):
+            return tuple(ast.literal_eval(key) for key in node.value.keys)
+    raise LookupError(f"{module}.{attr}: no top-level dict literal")
 
 
 def param(default, *, choices=None, min=None, max=None, doc="", words=()):

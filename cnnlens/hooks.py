@@ -31,7 +31,6 @@ RESNET_LAYERS = {
     "layer3": "layer3",
     "layer4": "layer4",
 }
-LAYERS = tuple(RESNET_LAYERS)
 
 
 def available_layers(model: nn.Module, input_size: int = 224) -> dict[str, str]:

@@ -1,10 +1,14 @@
 """params.yaml validation: every kind of mistake stops with exit code 2 and names key, value, choices."""
 
+import importlib
+import subprocess
+import sys
+
 import pytest
 import yaml
 from conftest import ROOT, run_stage, write_params
 
-from cnnlens.config import load_params, merge, parse_params
+from cnnlens.config import REGISTRIES, load_params, merge, parse_params, registry_choices
 from cnnlens.errors import ParamsError
 
 
@@ -281,3 +285,19 @@ def test_merge_cli_bad_files_are_one_line(tmp_path):
     one_line(run_stage("cnnlens.config", "merge", good, bad), str(bad), "mapping")
     bad.write_text("train: {epochs: 1, epochs: 2}\n")
     one_line(run_stage("cnnlens.config", "merge", good, bad), str(bad), "duplicate key train.epochs")
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRIES))
+def test_registry_choices_read_from_source_equal_the_imported_registry(name):
+    module, attr = REGISTRIES[name]
+    assert registry_choices(name) == tuple(getattr(importlib.import_module(module), attr))
+
+
+def test_validating_params_imports_no_torch():
+    """download and prepare never import torch: checking model.arch or saliency.methods must not either."""
+    code = (
+        "import sys; from cnnlens.config import load_params; load_params('params.yaml');"
+        "import stages.download, stages.prepare; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout
