@@ -58,7 +58,7 @@ def main(argv=None):
 
     logits = predict_logits(model.to(device), val.images, meta["input_size"], device=device)
     proba = probabilities(logits, meta["loss"]).double().numpy()
-    proba /= proba.sum(1, keepdims=True)  # exact in float64, as scikit-learn checks
+    proba /= proba.sum(1, keepdims=True)  # rows that sum to 1 in float64 (a sigmoid loss's do not)
     y_true = val.labels.numpy()
     y_pred = proba.argmax(1)
     scores = classification_metrics(y_true, proba, classes, ece_bins=ep.ece_bins)

@@ -13,7 +13,9 @@ from cnnlens.metrics import (
     confusion,
     expected_calibration_error,
     per_class_table,
+    pr_points,
     reliability_table,
+    roc_points,
 )
 from cnnlens.model import build_model, save_checkpoint
 from cnnlens.tensors import eval_inputs, load_split
@@ -43,6 +45,50 @@ def test_metrics_match_hand_computed_confusion_matrix():
     assert set(m) == {"accuracy", "balanced_accuracy", "roc_auc", "log_loss", "ece"}  # the headline only
     one_class = classification_metrics(Y[Y == 1], PROBA[Y == 1], ["ants", "bees"])
     assert "roc_auc" not in one_class  # undefined with one class: left out, not null or NaN
+
+
+def random_table(seed: int, n_classes: int, *, ties: bool):
+    """Labels and probabilities; rounded to 1 decimal, many scores tie."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, 60)
+    proba = rng.dirichlet(np.ones(n_classes), 60)
+    if ties:
+        proba = np.round(proba, 1) + 1e-3
+        proba /= proba.sum(1, keepdims=True)
+    return y, proba
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_equal_scikit_learn_bit_for_bit(seed, n_classes, ties):
+    skm = pytest.importorskip("sklearn.metrics")
+    y, proba = random_table(seed, n_classes, ties=ties)
+    pred, labels = proba.argmax(1), list(range(n_classes))
+    m = classification_metrics(y, proba, [str(c) for c in labels])
+    assert m["accuracy"] == skm.accuracy_score(y, pred)
+    assert m["balanced_accuracy"] == skm.balanced_accuracy_score(y, pred)
+    auc = skm.roc_auc_score(y, proba[:, 1]) if n_classes == 2 else skm.roc_auc_score(y, proba, multi_class="ovr")
+    assert m["roc_auc"] == auc
+    assert np.array_equal(confusion(y, pred, n_classes), skm.confusion_matrix(y, pred, labels=labels))
+    rows = per_class_table(y, pred, [str(c) for c in labels])
+    expected = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    assert [[r[k] for r in rows] for k in ("precision", "recall", "f1", "support")] == [list(e) for e in expected]
+    binary = (y == 1).astype(int) if n_classes == 2 else np.eye(n_classes, dtype=int)[y].ravel()
+    score = proba[:, 1] if n_classes == 2 else proba.ravel()
+    fpr, tpr, _ = skm.roc_curve(binary, score)
+    assert [(r["fpr"], r["tpr"]) for r in roc_points(y, proba)] == list(zip(fpr, tpr))
+    precision, recall, _ = skm.precision_recall_curve(binary, score)
+    assert [(r["precision"], r["recall"]) for r in pr_points(y, proba)] == list(zip(precision, recall))
+
+
+def test_a_class_never_predicted_or_absent_scores_zero_not_nan():
+    y, pred = np.array([0, 0, 1, 1]), np.array([0, 0, 0, 0])
+    ants, bees, wasps = per_class_table(y, pred, ["ants", "bees", "wasps"])
+    assert (bees["precision"], bees["recall"], bees["f1"]) == (0.0, 0.0, 0.0)
+    assert (wasps["precision"], wasps["support"]) == (0.0, 0)
+    proba = np.array([[0.6, 0.3, 0.1], [0.5, 0.2, 0.3], [0.2, 0.7, 0.1], [0.4, 0.5, 0.1]])
+    assert classification_metrics(y, proba, ["ants", "bees", "wasps"])["roc_auc"] == 1.0  # over ants, bees
 
 
 def test_ece_by_hand():
