@@ -42,31 +42,30 @@ def export_onnx(
 ) -> None:
     """Write `model` (eval mode, CPU) as ONNX to `path`: one file, the batch axis dynamic, `metadata`
     in the model's metadata_props (strings as they are, other values as JSON), where any ONNX tool reads them."""
-    import onnx
-
     serving = Serving(model.cpu().eval(), loss).eval()
     example = torch.zeros(2, 3, crop, crop, dtype=torch.uint8)
     try:
-        torch.onnx.export(
+        program = torch.onnx.export(
             serving,
             (example,),
-            str(path),
             input_names=[INPUT],
             output_names=list(OUTPUTS),
             dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
             opset_version=opset,
             dynamo=True,
-            external_data=False,  # one self-contained file (the weights inside; ResNet-18 is 45 MB)
             verbose=False,
         )
     except Exception as exc:  # the exporter raises many types, each with a long report
         why = (str(exc).strip().splitlines() or [""])[0][:200]
         raise StageError(f"torch.onnx.export failed for {path} ({type(exc).__name__}: {why})") from exc
-    proto = onnx.load(str(path))
-    onnx.helper.set_model_props(
-        proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    )
-    onnx.save(proto, str(path))
+    for node in program.model.graph.all_nodes():
+        # the exporter's notes per node hold this file's absolute path and line numbers: without them
+        # the same model gives the same bytes in every clone (DVC's hash, the run-cache)
+        node.metadata_props.clear()
+    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    program.model.metadata_props.update(props)
+    # one self-contained file: the weights inside (ResNet-18: 45 MB)
+    program.save(str(path), external_data=False)
 
 
 def onnx_session(path: str | Path):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import small_resnet
+from conftest import ROOT, small_resnet
 from use_helpers import shared_tiny_project
 
 pytest.importorskip("onnxruntime", reason="onnxruntime cannot be imported here")
@@ -123,3 +123,14 @@ def test_a_failed_check_writes_nothing(project, tmp_path, monkeypatch, capsys):
         assert not metrics.exists()
     assert not (tmp_path / "new").exists()
     assert (tmp_path / "old/model.onnx").read_text() == "earlier run"
+
+
+def test_the_file_holds_no_path_of_this_checkout(tmp_path, one_thread):
+    """The exporter notes each node's Python stack trace (absolute paths, line numbers): kept, the same model
+    gave other bytes in another clone, and DVC another hash. The model's own metadata stays."""
+    path = tmp_path / "m.onnx"
+    export_onnx(small_resnet(seed=1), path, 16, loss="cross_entropy", metadata={"arch": "resnet18", "n": 2})
+    data = path.read_bytes()
+    assert b"onnx_export.py" not in data and str(ROOT).encode() not in data
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta == {"arch": "resnet18", "n": "2"}
