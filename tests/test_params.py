@@ -297,7 +297,8 @@ def test_validating_params_imports_no_torch():
     """download and prepare never import torch: checking model.arch or saliency.methods must not either."""
     code = (
         "import sys; from cnnlens.config import load_params; load_params('params.yaml');"
-        "import stages.download, stages.prepare; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))"
+        "import stages.download, stages.prepare;"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]", run.stdout
