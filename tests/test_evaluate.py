@@ -68,12 +68,13 @@ def test_metrics_equal_scikit_learn_bit_for_bit(seed, n_classes, ties):
     m = classification_metrics(y, proba, [str(c) for c in labels])
     assert m["accuracy"] == skm.accuracy_score(y, pred)
     assert m["balanced_accuracy"] == skm.balanced_accuracy_score(y, pred)
-    auc = skm.roc_auc_score(y, proba[:, 1]) if n_classes == 2 else skm.roc_auc_score(y, proba, multi_class="ovr")
-    assert m["roc_auc"] == auc
+    score = proba[:, 1] if n_classes == 2 else proba
+    assert m["roc_auc"] == skm.roc_auc_score(y, score, multi_class="ovr")
     assert np.array_equal(confusion(y, pred, n_classes), skm.confusion_matrix(y, pred, labels=labels))
     rows = per_class_table(y, pred, [str(c) for c in labels])
     expected = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    assert [[r[k] for r in rows] for k in ("precision", "recall", "f1", "support")] == [list(e) for e in expected]
+    columns = [[r[k] for r in rows] for k in ("precision", "recall", "f1", "support")]
+    assert columns == [list(e) for e in expected]
     binary = (y == 1).astype(int) if n_classes == 2 else np.eye(n_classes, dtype=int)[y].ravel()
     score = proba[:, 1] if n_classes == 2 else proba.ravel()
     fpr, tpr, _ = skm.roc_curve(binary, score)
