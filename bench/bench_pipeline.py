@@ -1,5 +1,5 @@
 """Pipeline timings on this machine: `make demo` from scratch, a no-op `dvc repro`, `dvc repro -f`, and each
-stage rerun on its own with its wall time, peak RSS and import time.
+stage rerun on its own with its wall time, peak RSS, import time and where its time goes.
 
     python bench/bench_pipeline.py [--demo demo] [--skip-demo]
 
@@ -7,6 +7,9 @@ Runs scripts/demo.sh (unless --skip-demo), then inside demo/: `dvc repro` again 
 -f` (every stage, warm) against the finetune stage's training seconds (the target: at most 2x), then every
 stage's command from dvc.yaml directly (so DVC's own overhead is not counted), each in its own process,
 measured with os.wait4, and the seconds its imports take (`python -X importtime -c "import stages.<name>"`).
+Then each stage once more under cProfile, its time split into parts: imports (every import, lazy ones too),
+figures (calls into cnnlens/figures.py), files (calls into cnnlens/files.py from elsewhere: checksums, saves,
+the commit of the outs) and compute (the rest), as shares of the profiled run applied to the plain wall time.
 Prints a JSON report. Needs DVC (CPU machine).
 """
 
@@ -14,9 +17,11 @@ import argparse
 import json
 import os
 import platform
+import pstats
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,6 +55,35 @@ def import_seconds(module: str, cwd: Path, env: dict) -> float:
     return round(sum(int(r[1]) for r in rows[1:] if r[2].strip() in names) / 1e6, 2)
 
 
+def entry_seconds(stats: dict, module: str, *, outside: tuple[str, ...]) -> float:
+    """Seconds spent in calls into `module` (a path suffix) from functions in none of `outside`; its import
+    (the module's top level) is not one of them."""
+    total = 0.0
+    for (path, _, name), (_, _, _, _, callers) in stats.items():
+        if path.endswith(module) and name != "<module>":
+            total += sum(edge[3] for (c, _, _), edge in callers.items() if not c.endswith(outside))
+    return total
+
+
+def profile_parts(cmd: list[str], cwd: Path, env: dict) -> dict:
+    """The shares of one profiled run of `cmd` (python -m stages.x ...): imports, figures, files, compute."""
+    with tempfile.NamedTemporaryFile(suffix=".prof") as out:
+        run = [sys.executable, "-m", "cProfile", "-o", out.name, *cmd[1:]]
+        subprocess.run(
+            run, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        stats = pstats.Stats(out.name).stats
+    total = max(ct for _, _, _, ct, _ in stats.values())
+    imports = sum(
+        v[3] for (path, _, name), v in stats.items() if "_bootstrap>" in path and name == "_find_and_load"
+    )
+    figures = entry_seconds(stats, "cnnlens/figures.py", outside=("cnnlens/figures.py",))
+    files = entry_seconds(stats, "cnnlens/files.py", outside=("cnnlens/files.py", "cnnlens/figures.py"))
+    parts = {"imports": imports, "figures": figures, "files": files}
+    parts["compute"] = total - sum(parts.values())
+    return {k: round(v / total, 3) for k, v in parts.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, default=ROOT / "demo")
@@ -80,6 +114,7 @@ def main():
         report["stages"][name] = {
             **timed(cmd, args.demo, env),
             "import_s": import_seconds(cmd[2], args.demo, env),
+            "shares": profile_parts(cmd, args.demo, env),
         }
         print(f"{name}: {report['stages'][name]}", file=sys.stderr, flush=True)
     saliency = args.demo / "plots" / "saliency" / "quality.json"  # every number; metrics/: the headline
