@@ -155,7 +155,16 @@ def overhead(cache: Path, repeats: int, *, checkpointed: Path) -> dict:
             written = run.get("checkpoints", 0)
             print(f"  {kind:7s} run {i + 1}: {run['train_seconds']:.1f} s training, {written} checkpoint(s)")
     median = {k: statistics.median(r["train_seconds"] for r in v) for k, v in runs.items()}
+    # each pair ran back to back, so a slow spell of the machine touches both of it
+    paired = [d["train_seconds"] / n["train_seconds"] for d, n in zip(runs["default"], runs["none"])]
+    # inside each checkpointed run: its training against the same training less the writes
+    inside = [
+        r["train_seconds"] / (r["train_seconds"] - r.get("checkpoint_seconds", 0.0)) for r in runs["default"]
+    ]
     return {
+        "paired_ratios": [round(r, 4) for r in paired],
+        "paired_ratio_median": statistics.median(paired),
+        "in_run_ratio_median": statistics.median(inside),
         "train_seconds": {k: [r["train_seconds"] for r in v] for k, v in runs.items()},
         "wall_seconds": {k: [round(r["wall"], 2) for r in v] for k, v in runs.items()},
         "checkpoints": [r.get("checkpoints", 0) for r in runs["default"]],
@@ -237,6 +246,8 @@ def main() -> None:
         f"\n| checkpoint overhead (median training s, default / none) | {o['ratio']:.4f} "
         f"({seconds['default']:.1f} / {seconds['none']:.1f} s; "
         f"{o['checkpoints']} checkpoints in {o['checkpoint_seconds']} s) |\n"
+        f"| the same, median of the back-to-back pairs | {o['paired_ratio_median']:.4f} ({o['paired_ratios']}) |\n"
+        f"| inside each checkpointed run: training / (training - writes), median | {o['in_run_ratio_median']:.4f} |\n"
         f"| training redone after a SIGKILL at a random moment, median / max "
         f"| {k['lost_median']} / {k['lost_max']} s |\n"
         f"| extra wall-clock (killed run + rerun - one run), median | {k['extra_wall_median']} s |\n"
