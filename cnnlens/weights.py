@@ -74,6 +74,19 @@ def imagenet_source(arch: str) -> tuple[str, int | None, str | None]:
     return url, None, sha
 
 
+def imagenet_network(arch: str) -> nn.Module:
+    """The architecture as its ImageNet weights file holds it (the 1000-way head), randomly initialised
+    from torch's global RNG. The ResNets come from cnnlens/resnet.py, without torchvision's second of
+    imports (it pulls in torch._dynamo); the other archs from torchvision, imported only for them."""
+    from cnnlens.resnet import RESNETS, resnet
+
+    if arch in RESNETS:
+        return resnet(arch)
+    import torchvision
+
+    return torchvision.models.get_model(arch, weights=None)
+
+
 def head_name(model: nn.Module) -> str:
     """Dotted name of the final Linear layer: `fc` for ResNets, `classifier.N` for MobileNet/EfficientNet."""
     from torch import nn
@@ -134,9 +147,7 @@ def check_weights_file(path: str | Path, arch: str, key: str = "model.weights") 
             f"{key} = {str(path)!r} holds a {type(state).__name__}, not a state_dict (a dict of tensors); "
             f"save one with torch.save(model.state_dict(), path) for {arch}"
         )
-    import torchvision  # here, not at the top: it takes ~3 s to import, and the data stages never need it
-
-    _, problems = backbone_state(torchvision.models.get_model(arch, weights=None), state)
+    _, problems = backbone_state(imagenet_network(arch), state)
     if problems:
         raise StageError(
             f"{key} = {str(path)!r} does not fit model.arch = {arch}: {problems}; "
