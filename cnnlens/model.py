@@ -1,4 +1,4 @@
-"""Building, loading and saving the classifier: a torchvision network with a new head.
+"""Building, loading and saving the classifier: an ImageNet network with a new head.
 
 Weights are always read with torch.load(weights_only=True): a checkpoint is data, never code.
 """
@@ -16,7 +16,7 @@ from cnnlens.errors import StageError
 from cnnlens.files import atomic_path, load_torch, read_json, save_torch, sha256_file
 from cnnlens.losses import LOSSES
 from cnnlens.tensors import MEAN, STD, eval_inputs
-from cnnlens.weights import backbone_state, describe_mismatch, head_name
+from cnnlens.weights import backbone_state, describe_mismatch, head_name, imagenet_network
 
 # The architectures, one registry (config validates model.arch against it). Any has a last Linear
 # layer as its head and IMAGENET1K_V1 weights in torchvision.
@@ -47,9 +47,7 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     """The ImageNet architecture with its 1000-way head replaced by `num_classes` outputs."""
     if arch not in ARCHS:
         raise StageError(f"unknown model.arch {arch!r}; allowed: {', '.join(ARCHS)}")
-    import torchvision  # here, not at the top: it takes ~3 s to import, and the data stages never need it
-
-    model = torchvision.models.get_model(arch, weights=None)
+    model = imagenet_network(arch)
     name = head_name(model)
     old = get_module(model, name)
     set_module(model, name, nn.Linear(old.in_features, num_classes))

@@ -32,12 +32,11 @@ import torch.nn.functional as F
 from scipy import sparse, stats
 from scipy.sparse import linalg as splinalg
 from torch import Tensor, nn
-from torchvision.transforms.functional import gaussian_blur
 from tqdm import tqdm
 
 from cnnlens.attribution import METHODS, explain, ig_completeness
 from cnnlens.model import predictions
-from cnnlens.tensors import center_crop, combine_channels, eval_inputs
+from cnnlens.tensors import center_crop, combine_channels, eval_inputs, gaussian_blur
 
 
 def pixel_order(maps: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -128,7 +127,7 @@ def deletion_insertion(
         k, sigma = default_blur(min(h, w))
         k = kernel_size if kernel_size is not None else k
         sigma = blur_sigma if blur_sigma is not None else sigma
-        insertion_start = gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
+        insertion_start = gaussian_blur(x, kernel_size=k, sigma=sigma)
     start = insertion_start.to(x).expand_as(x)
     deleted = torch.full_like(x, deletion_value)
 

@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 RESNET18_BYTES = 46_830_571
 RESNET18_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"
+# IMAGENET1K_V1 of the other ResNets, as torchvision lists it (tests/test_download.py compares), so that
+# fetching them does not import torchvision; the hash prefix in the file name verifies the download
+RESNET_URLS = {
+    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+}
 
 # Test-only overrides (the tests serve fake files on 127.0.0.1; DVC does not track these):
 #   WEIGHTS_URL_OVERRIDE  replaces the IMAGENET1K_V1 URL; WEIGHTS_SHA256, if set, is its hash.
@@ -35,15 +41,7 @@ def imagenet_weights(arch: str) -> tuple[str, int | None, str]:
     """(url, size or None, full SHA-256 or the hash prefix in the file name) of IMAGENET1K_V1."""
     if arch == "resnet18":
         return RESNET18_URL, RESNET18_BYTES, RESNET18_SHA256
-    import torchvision  # slow to import; only needed for the other archs
-
-    try:
-        url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
-    except (ValueError, AttributeError) as exc:
-        raise ParamsError(
-            f"model.arch = {arch!r} has no IMAGENET1K_V1 weights in torchvision "
-            f"{torchvision.__version__} ({exc}); use model.weights: none or a local file"
-        ) from None
+    url = RESNET_URLS.get(arch) or torchvision_weights_url(arch)
     # torchvision names its files <name>-<first hex digits of the SHA-256>.pth (torch.hub checks the same)
     match = re.search(r"-([a-f0-9]{8,})\.", url.rsplit("/", 1)[-1])
     if not match:
@@ -54,6 +52,19 @@ def imagenet_weights(arch: str) -> tuple[str, int | None, str]:
     return url, None, match.group(1)
 
 
+def torchvision_weights_url(arch: str) -> str:
+    """The IMAGENET1K_V1 URL torchvision lists for `arch`, which the archs outside RESNET_URLS need."""
+    import torchvision  # slow to import (over a second): only for those archs
+
+    try:
+        return torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+    except (ValueError, AttributeError) as exc:
+        raise ParamsError(
+            f"model.arch = {arch!r} has no IMAGENET1K_V1 weights in torchvision "
+            f"{torchvision.__version__} ({exc}); use model.weights: none or a local file"
+        ) from None
+
+
 def imagenet_source(arch: str) -> tuple[str, int | None, str | None]:
     """imagenet_weights(arch), or the test-only override WEIGHTS_URL_OVERRIDE (+ WEIGHTS_SHA256) when set."""
     if not os.environ.get(ENV_WEIGHTS_URL):
@@ -61,6 +72,19 @@ def imagenet_source(arch: str) -> tuple[str, int | None, str | None]:
     url, sha = os.environ[ENV_WEIGHTS_URL], os.environ.get(ENV_WEIGHTS_SHA256) or None
     log(f"note: {ENV_WEIGHTS_URL} is set: fetching {url}" + ("" if sha else " unverified"))
     return url, None, sha
+
+
+def imagenet_network(arch: str) -> nn.Module:
+    """The architecture as its ImageNet weights file holds it (the 1000-way head), randomly initialised
+    from torch's global RNG. The ResNets come from cnnlens/resnet.py, without torchvision's second of
+    imports (it pulls in torch._dynamo); the other archs from torchvision, imported only for them."""
+    from cnnlens.resnet import RESNETS, resnet
+
+    if arch in RESNETS:
+        return resnet(arch)
+    import torchvision
+
+    return torchvision.models.get_model(arch, weights=None)
 
 
 def head_name(model: nn.Module) -> str:
@@ -123,9 +147,7 @@ def check_weights_file(path: str | Path, arch: str, key: str = "model.weights") 
             f"{key} = {str(path)!r} holds a {type(state).__name__}, not a state_dict (a dict of tensors); "
             f"save one with torch.save(model.state_dict(), path) for {arch}"
         )
-    import torchvision  # here, not at the top: it takes ~3 s to import, and the data stages never need it
-
-    _, problems = backbone_state(torchvision.models.get_model(arch, weights=None), state)
+    _, problems = backbone_state(imagenet_network(arch), state)
     if problems:
         raise StageError(
             f"{key} = {str(path)!r} does not fit model.arch = {arch}: {problems}; "

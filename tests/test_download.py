@@ -547,14 +547,19 @@ def test_weights_local_file(tmp_path):
 
 def test_torchvision_weight_urls_carry_a_hash_prefix():
     pytest.importorskip("torchvision")
-    from cnnlens.weights import RESNET18_SHA256, RESNET18_URL, imagenet_weights
+    import torchvision
+
+    from cnnlens.weights import RESNET18_SHA256, RESNET18_URL, RESNET_URLS, imagenet_weights
 
     assert imagenet_weights("resnet18") == (RESNET18_URL, 46_830_571, RESNET18_SHA256)
     assert RESNET18_URL.endswith(f"-{RESNET18_SHA256[:8]}.pth")  # torch.hub's naming rule holds
-    for arch in ("resnet34", "mobilenet_v3_small"):
+    for arch in ("resnet34", "resnet50", "mobilenet_v3_small"):
         url, size, prefix = imagenet_weights(arch)
         assert url.startswith("https://download.pytorch.org/models/") and size is None
         assert len(prefix) >= 8 and url.rsplit("/", 1)[-1].endswith(f"-{prefix}.pth")
+    # the ResNets' URLs, known without importing torchvision, are the ones it lists
+    for arch, url in {"resnet18": RESNET18_URL, **RESNET_URLS}.items():
+        assert url == torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url, arch
 
 
 def test_what_comes_first_and_is_data_or_weights(tmp_path):

@@ -17,6 +17,7 @@ from torchvision.transforms.functional import gaussian_blur
 from cnnlens import attribution as A
 from cnnlens import quality as Q
 from cnnlens.model import predictions
+from cnnlens.tensors import gaussian_blur as blur
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -91,6 +92,19 @@ def test_insertion_starts_from_the_default_blur_and_ends_at_the_image():
     small = Q.deletion_insertion(model, x, target, maps=maps, steps=5, batch_size=1)
     for key in ("deletion_curve", "insertion_curve"):
         assert torch.allclose(small[key], out[key])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_insertion_blur_is_torchvision_s_to_the_bit(dtype):
+    """cnnlens.tensors.gaussian_blur (no torchvision import) gives torchvision's numbers exactly, for
+    every default_blur kernel up to 256 px crops (3..33 px) and two explicit kernel_size/blur_sigma."""
+    g = torch.Generator().manual_seed(0)
+    cases = [Q.default_blur(side) + (side,) for side in (8, 16, 32, 48, 64, 96, 128, 160, 224, 256)]
+    for k, sigma, side in [*cases, (5, 2.0, 20), (3, 1, 9)]:
+        x = torch.randn(2, 3, side, side, generator=g, dtype=dtype)
+        ours = blur(x, kernel_size=k, sigma=sigma)
+        assert torch.equal(ours, gaussian_blur(x, [k, k], [sigma, sigma])), (k, sigma, side)
+        assert ours.dtype == dtype and ours.shape == x.shape
 
 
 def test_a_map_that_follows_the_model_beats_the_random_and_centre_baselines():
