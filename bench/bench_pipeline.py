@@ -66,7 +66,7 @@ def entry_seconds(stats: dict, module: str, *, outside: tuple[str, ...]) -> floa
 
 
 def profile_parts(cmd: list[str], cwd: Path, env: dict) -> dict:
-    """The shares of one profiled run of `cmd` (python -m stages.x ...): imports, figures, files, compute."""
+    """The shares of one profiled run of `cmd` (python -m stages.<name> ...): imports, figures, files, compute."""
     with tempfile.NamedTemporaryFile(suffix=".prof") as out:
         run = [sys.executable, "-m", "cProfile", "-o", out.name, *cmd[1:]]
         subprocess.run(
