@@ -493,6 +493,25 @@ def test_road_ranks_a_map_that_follows_the_model_above_the_baselines():
     assert torch.equal(one_by_one, good["morf"])  # an image's score does not depend on its batch
 
 
+def test_road_factorises_each_mask_once_for_images_ranked_alike(monkeypatch):
+    """The centre prior ranks every image alike: its 2 x steps masks are factorised once for all images,
+    and each image's scores are the ones it gets alone (the same system, its own right-hand side)."""
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    target = torch.zeros(3, dtype=torch.long)
+    maps = Q.center_prior_maps(3, 16, 16)
+    alone = [Q.road(MeanPixelModel(), x[i : i + 1], target[:1], maps=maps[:1], steps=4) for i in range(3)]
+    built = []
+    system = Q.imputation_system
+    monkeypatch.setattr(Q, "imputation_system", lambda removed: built.append(1) or system(removed))
+    together = Q.road(MeanPixelModel(), x, target, maps=maps, steps=4, batch_size=5)
+    assert len(built) == 2 * 4
+    for key in ("morf_curve", "lerf_curve"):
+        assert torch.equal(together[key], torch.cat([one[key] for one in alone]))
+    built.clear()
+    Q.road(MeanPixelModel(), x, target, maps=x[:, 0], steps=4)  # ranked apart: one system per mask
+    assert len(built) == 3 * 2 * 4
+
+
 def test_score_maps_adds_road_for_methods_and_baselines_alike():
     g = torch.Generator().manual_seed(4)
     x = torch.rand(3, 3, 12, 12, generator=g)
