@@ -59,25 +59,71 @@ def default_blur(side: int) -> tuple[int, float]:
     return k, k / 4.0
 
 
+DELETION_VALUE = 0.0  # deleted pixels: the ImageNet mean colour in the normalised input space
+
+
 def deletion_insertion_passes(steps: int) -> int:
-    """Forward passes per image of deletion_insertion(): (steps + 1) for each curve."""
+    """The points per image of deletion_insertion()'s curves, (steps + 1) each: a forward each, but the
+    three that do not depend on the map (curve_ends) are shared by every map of the same images."""
     return 2 * (steps + 1)
 
 
+def insertion_start_of(
+    x: Tensor, *, kernel_size: int | None = None, blur_sigma: float | None = None
+) -> Tensor:
+    """The insertion curve's default start: x blurred (default_blur, or the kernel and sigma given)."""
+    k, sigma = default_blur(min(x.shape[-2:]))
+    k = kernel_size if kernel_size is not None else k
+    sigma = blur_sigma if blur_sigma is not None else sigma
+    return gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
+
+
+def even_chunks(items: Tensor, batch_size: int) -> tuple:
+    """`items` in the fewest chunks of at most batch_size, of even sizes (17 by 8: 6, 6, 5): a forward of one
+    image may take other kernels than a batch's and differ in the last bits, so an image's score would
+    depend on how many images were scored with it."""
+    return items.tensor_split(math.ceil(len(items) / batch_size)) if len(items) else ()
+
+
+@torch.no_grad()
+def curve_ends(model: nn.Module, x: Tensor, *, start: Tensor, deletion_value: float, batch_size: int) -> dict:
+    """The softmax probabilities (rows x classes) at the curves' ends, which no map changes: `image` (x,
+    deletion's first step and insertion's last), `start` (insertion's first) and `deleted` (deletion's
+    last: one constant image, the same for every image, 1 row). Two forwards per image and one more, in
+    even_chunks of batch_size."""
+    n = x.shape[0]
+    images = torch.cat([x, start.to(x).expand_as(x), torch.full_like(x[:1], deletion_value)])
+    probs = torch.cat(
+        [torch.softmax(model(chunk).float(), dim=1) for chunk in even_chunks(images, batch_size)]
+    )
+    return {"image": probs[:n], "start": probs[n : 2 * n], "deleted": probs[2 * n :]}
+
+
 def _curve(
-    model, before: Tensor, after: Tensor, *, rank: Tensor, counts: Tensor, idx: Tensor, batch_size: int
+    model,
+    before: Tensor,
+    after: Tensor,
+    *,
+    ends: tuple,
+    rank: Tensor,
+    counts: Tensor,
+    idx: Tensor,
+    batch_size: int,
 ):
     """N x (steps+1) probabilities of class idx: image i at step k is `after` where the pixel's rank is
-    below counts[k], else `before`; (image, step) pairs run in forwards of batch_size."""
+    below counts[k], else `before`; the first and last steps are the ends' (curve_ends: first, last,
+    rows x classes); the (image, step) pairs between run in even_chunks of batch_size."""
     n, steps, (h, w) = before.shape[0], len(counts) - 1, before.shape[-2:]
-    probs = torch.empty(n * (steps + 1), device=before.device)
-    pairs = torch.arange(n * (steps + 1), device=before.device)
-    for chunk in pairs.split(batch_size):
-        i, k = chunk // (steps + 1), chunk % (steps + 1)
+    probs = torch.empty(n, steps + 1, device=before.device)
+    first, last = (end.to(before.device).expand(n, -1).gather(1, idx[:, None])[:, 0] for end in ends)
+    probs[:, 0], probs[:, steps] = first, last
+    inner = max(steps - 1, 0)
+    for chunk in even_chunks(torch.arange(n * inner, device=before.device), batch_size):
+        i, k = chunk // inner, chunk % inner + 1
         changed = (rank[i] < counts[k][:, None]).view(-1, 1, h, w)
         batch = torch.where(changed, after[i], before[i])
-        probs[chunk] = torch.softmax(model(batch).float(), dim=1).gather(1, idx[i][:, None])[:, 0]
-    return probs.view(n, steps + 1)
+        probs[i, k] = torch.softmax(model(batch).float(), dim=1).gather(1, idx[i][:, None])[:, 0]
+    return probs
 
 
 @torch.no_grad()
@@ -90,10 +136,11 @@ def deletion_insertion(
     steps: int = 16,
     blur_sigma: float | None = None,
     kernel_size: int | None = None,
-    deletion_value: float = 0.0,
+    deletion_value: float = DELETION_VALUE,
     insertion_start: Tensor | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 64,
+    ends: dict | None = None,
 ) -> dict:
     """Deletion and insertion curves and their AUCs (Petsiuk et al. 2018).
 
@@ -106,8 +153,10 @@ def deletion_insertion(
       1/8 of the side, see default_blur) and put the original pixels back. A good map: the
       probability rises fast, high AUC.
     The score is the softmax probability of `target`; AUC by the trapezoid rule over the
-    fraction of pixels in [0, 1]. All N x (steps+1) images of a curve are built lazily and run
-    in forwards of `batch_size`. Cost: 2 * (steps + 1) forwards per image.
+    fraction of pixels in [0, 1]. The curves' ends do not depend on the map: `ends` (curve_ends() of
+    the same model, images and settings) reuses them for another map of the same images; else they
+    are computed here. The other N x (steps-1) images of a curve are built lazily and run in forwards
+    of `batch_size`. Cost: 2 * (steps - 1) forwards per image, plus 2 per image and 1 for the ends.
     Returns dict(deletion_auc N, insertion_auc N, deletion_curve N x (steps+1),
     insertion_curve N x (steps+1), fractions steps+1).
     """
@@ -125,16 +174,15 @@ def deletion_insertion(
     counts = torch.round(fractions * (h * w)).long().to(x.device)
 
     if insertion_start is None:
-        k, sigma = default_blur(min(h, w))
-        k = kernel_size if kernel_size is not None else k
-        sigma = blur_sigma if blur_sigma is not None else sigma
-        insertion_start = gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
+        insertion_start = insertion_start_of(x, kernel_size=kernel_size, blur_sigma=blur_sigma)
     start = insertion_start.to(x).expand_as(x)
     deleted = torch.full_like(x, deletion_value)
+    if ends is None:
+        ends = curve_ends(model, x, start=start, deletion_value=deletion_value, batch_size=batch_size)
 
     steps_at = {"rank": rank, "counts": counts, "idx": idx, "batch_size": batch_size}
-    del_curve = _curve(model, x, deleted, **steps_at)
-    ins_curve = _curve(model, start, x, **steps_at)
+    del_curve = _curve(model, x, deleted, ends=(ends["image"], ends["deleted"]), **steps_at)
+    ins_curve = _curve(model, start, x, ends=(ends["start"], ends["image"]), **steps_at)
     fx = fractions.to(x.device, torch.float32)
     return {
         "deletion_auc": torch.trapezoid(del_curve, fx, dim=1),
@@ -507,12 +555,13 @@ def quality_scores(
     seed: int,
     batch_size: int,
     road_steps: int = 0,
+    ends: dict | None = None,
 ) -> dict[str, Tensor]:
     """Per-image scores of N x [C x] H x W maps (abs taken: IG is signed): deletion and insertion
     AUC, with road_steps > 0 ROAD's MoRF and LeRF means, and where object masks exist (N x H x W) the
     pointing game (1 hit, 0 miss) and the share of the map's mass inside the mask. Ties in the pixel order
     (flat maps) are broken at random, the same way for deletion and ROAD (a generator seeded with `seed`
-    each); ROAD's noise is seeded with `seed` too."""
+    each); ROAD's noise is seeded with `seed` too. ends: the deletion curves' ends (curve_ends), if known."""
     maps = maps.detach().abs().float().cpu()
     target = torch.as_tensor(target).to(x.device)
     curves = deletion_insertion(
@@ -523,6 +572,7 @@ def quality_scores(
         steps=steps,
         generator=torch.Generator().manual_seed(seed),
         batch_size=batch_size,
+        ends=ends,
     )
     scores = {"deletion_auc": curves["deletion_auc"].cpu(), "insertion_auc": curves["insertion_auc"].cpu()}
     if road_steps:
@@ -589,9 +639,23 @@ class ScoredImages:
     ):
         predict = {"input_size": input_size, "loss": loss, "batch_size": batch_size}
         self.chunk = lambda rows: predict_images(model, split.subset(rows), device, **predict)
-        self.index, self.n = index, len(index)
+        self.model, self.index, self.n = model, index, len(index)
         self.first = self.chunk(index[:QUALITY_CHUNK])
         self.masks = self.first.masks
+        self._ends: dict = {}  # batch_size -> curve_ends of the first chunk
+
+    def curve_ends(self, model: nn.Module, chunk: Predicted, *, batch_size: int) -> dict | None:
+        """curve_ends() of the kept first chunk by the model that predicted it (the deletion curves'
+        defaults), computed once for every map scored on it; None for another model or chunk."""
+        if chunk is not self.first or model is not self.model:
+            return None
+        if batch_size not in self._ends:
+            x = chunk.x
+            start = insertion_start_of(x)
+            self._ends[batch_size] = curve_ends(
+                model, x, start=start, deletion_value=DELETION_VALUE, batch_size=batch_size
+            )
+        return self._ends[batch_size]
 
     def __iter__(self):
         yield self.first
@@ -614,8 +678,9 @@ def score_maps(
     """The quality of the maps that `source(model, x, target)` gives for every chunk of `scored`, a
     method's or a baseline's alike: per score (quality_scores), the mean over the images and its 95%
     bootstrap interval. `extra`: more per-image scores, {name: fn(model, chunk, maps) -> N values}, where
-    a chunk holds x and pred (the target)."""
+    a chunk holds x and pred (the target). A ScoredImages keeps its first chunk's curve ends for every map."""
     raw: dict[str, list[Tensor]] = {}
+    ends_of = getattr(scored, "curve_ends", lambda *a, **kw: None)
     for chunk in scored:
         maps = source(model, chunk.x, chunk.pred)
         scores = quality_scores(
@@ -628,6 +693,7 @@ def score_maps(
             seed=seed,
             batch_size=batch_size,
             road_steps=road_steps,
+            ends=ends_of(model, chunk, batch_size=batch_size),
         )
         scores.update({name: fn(model, chunk, maps) for name, fn in (extra or {}).items()})
         for name, v in scores.items():

@@ -93,6 +93,60 @@ def test_insertion_starts_from_the_default_blur_and_ends_at_the_image():
         assert torch.allclose(small[key], out[key])
 
 
+class CountingModel(MeanPixelModel):
+    """MeanPixelModel that counts the images it is given and keeps its batch sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.batches = 0, []
+
+    def forward(self, x):
+        self.images += len(x)
+        self.batches.append(len(x))
+        return super().forward(x)
+
+
+def test_the_curve_ends_run_once_and_are_shared_by_every_map():
+    """The image, its blurred start and the deleted image are the curves' ends whatever the map: one
+    forward each (the deleted image once for all images), and with `ends` given none at all."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g)
+    target = torch.zeros(3, dtype=torch.long)
+    model = CountingModel()
+    out = Q.deletion_insertion(model, x, target, maps=torch.rand(3, 16, 16, generator=g), steps=4)
+    assert model.images == 2 * 3 * (4 - 1) + 2 * 3 + 1
+    ends = Q.curve_ends(model, x, start=Q.insertion_start_of(x), deletion_value=0.0, batch_size=2)
+    maps = torch.rand(3, 16, 16, generator=g)
+    model.images = 0
+    given = Q.deletion_insertion(model, x, target, maps=maps, steps=4, ends=ends)
+    assert model.images == 2 * 3 * (4 - 1)
+    found = Q.deletion_insertion(model, x, target, maps=maps, steps=4)
+    for key in ("deletion_curve", "insertion_curve"):
+        assert torch.equal(given[key], found[key]) and given[key].shape == out[key].shape
+    model.batches = []  # 7 images in forwards of at most 3: evenly, not 3, 3 and 1 alone
+    Q.curve_ends(model, x, start=x, deletion_value=0.0, batch_size=3)
+    assert model.batches == [3, 2, 2]
+
+
+def test_scored_images_compute_the_curve_ends_once_for_every_map():
+    from cnnlens.tensors import Split
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (4, 3, 20, 20), generator=g, dtype=torch.uint8)
+    split = Split(images, torch.zeros(4, dtype=torch.long), [f"val/a/{i}.jpg" for i in range(4)], None)
+    model = CountingModel()
+    predict = {"input_size": 16, "loss": "cross_entropy", "batch_size": 4}
+    scored = Q.ScoredImages(model, split, torch.device("cpu"), index=torch.arange(4), **predict)
+    kw = {"steps": 4, "seed": 0, "batch_size": 4, "bootstrap": 20}
+    sources = [Q.baseline_source("random", seed=0), Q.baseline_source("center", seed=0)]
+    model.images = 0
+    shared = [Q.score_maps(model, scored, source, **kw) for source in sources]
+    assert model.images == 2 * 4 + 1 + len(sources) * 2 * 4 * (4 - 1)
+    alone = [Q.score_maps(model, [scored.first], source, **kw) for source in sources]
+    assert shared == alone
+    assert scored.curve_ends(MeanPixelModel(), scored.first, batch_size=4) is None  # another model's
+
+
 def test_a_map_that_follows_the_model_beats_the_random_and_centre_baselines():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(4, 3, 16, 16, generator=g)
