@@ -19,9 +19,10 @@ check counts as randomisation. Rows: who (a method, a baseline, or "stage") x pa
   writes           quality.json and the metrics file
   other            the rest of main(): the total less the rows
 
---stage also times `python -m stages.saliency ...` as a process (imports included), outputs in a temporary
-folder. Prints a table (seconds, calls) and, with --json, writes the rows. On a shared machine the numbers
-are relative: say how loaded it was (the load average is printed).
+--out keeps the in-process run's outputs (saliency/, saliency.json) to compare runs. --stage also times
+`python -m stages.saliency ...` as a process (imports included), outputs in a temporary folder. Prints a
+table (seconds, calls) and, with --json, writes the rows. On a shared machine the numbers are relative: say
+how loaded it was (the load average is printed).
 """
 
 from __future__ import annotations
@@ -153,12 +154,12 @@ def stage_argv(project: Path, params: Path, out: Path) -> list[str]:
     ]
 
 
-def in_process(project: Path, params: Path) -> float:
-    """The stage's main() once, instrumented; returns its seconds."""
+def in_process(project: Path, params: Path, out: Path | None) -> float:
+    """The stage's main() once, instrumented, its outputs in `out` (or a temporary folder); its seconds."""
     instrument()
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
-        stage.main(stage_argv(project, params, Path(tmp)))
+        stage.main(stage_argv(project, params, out or Path(tmp)))
         return time.perf_counter() - began
 
 
@@ -215,11 +216,12 @@ def main() -> None:
     ap.add_argument("--params", type=Path, help="default: <project>/params.yaml")
     ap.add_argument("--stage", action="store_true", help="also time the stage as a process")
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--out", type=Path, help="keep the in-process run's outputs here (a new folder)")
     args = ap.parse_args()
     project = args.project.resolve()
     params = (args.params or project / "params.yaml").resolve()
     load_before = os.getloadavg()[0]
-    result = report(in_process(project, params))
+    result = report(in_process(project, params, args.out))
     if args.stage:
         result["stage_seconds"] = round(as_process(project, params), 2)
     result.update(load_before=load_before, load_after=os.getloadavg()[0], threads=os.cpu_count())
