@@ -303,7 +303,8 @@ def _road_images(x: Tensor, rank: Tensor, counts: Tensor, *, noise: float, seed:
     """(image i, order, step k, imputed image) for every image, MoRF then LeRF, every count: MoRF removes
     the counts[k] top-ranked pixels, LeRF the counts[k] lowest-ranked. Each image's noise comes from a
     generator seeded with `seed`. Images ranked alike (the centre prior's) have the same masks: their
-    factorisations (2 x steps, about 0.4 GB at 224 px and 9 steps) are kept until the last such image."""
+    factorisations (2 x steps; at 224 px and 9 steps about 0.2 GB more peak memory) are kept until the last
+    such image."""
     hw = rank.shape[1]
     _, group, repeats = torch.unique(rank, dim=0, return_inverse=True, return_counts=True)
     last = {g: i for i, g in enumerate(group.tolist())}
