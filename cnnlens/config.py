@@ -221,6 +221,12 @@ class SaliencyParams:
     before_after: bool = param(True, doc="also explain the untuned network (downloaded weights, new head)")
     batch_size: int = param(16, min=1, max=4096)
     device: str = param("auto", choices=DEVICES)
+    quick: bool = param(
+        False,
+        doc="true: the same maps and figures of the shown images, but quality scored on those images only "
+        "(not quality_images), deletion/insertion at most 8 steps, no ROAD, no randomisation check; "
+        "quality.json and the metrics say quick: true",
+    )
 
 
 @dataclass(frozen=True)

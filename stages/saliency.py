@@ -13,6 +13,9 @@ and figures/quality.png (sorted by deletion AUC); the metrics JSON holds the hea
 the random map: mean deletion and insertion AUC, ROAD, pointing game; the CAM grid side; seconds).
 The model-randomisation check -> <out>/randomization.csv and figures/randomization.png; the untuned vs
 the fine-tuned network on the same images -> figures/before_after.png. Maps explain the predicted class.
+saliency.quick: the same maps and figures, but quality scored on the shown images only (their maps reused),
+at most quality.QUICK_STEPS deletion/insertion steps, no ROAD, no randomisation check; quality.json and the
+metrics JSON then hold quick: true.
 """
 
 import time
@@ -30,6 +33,7 @@ from cnnlens.model import initial_model, load_checkpoint, to_device
 from cnnlens.tensors import load_split, select_images, spread_index
 
 SETTINGS = ("smoothgrad_sigma", "smoothgrad_samples", "ig_steps", "occlusion_window", "occlusion_stride")
+SCORING = ("quick", "quality_steps", "road_steps", "randomization")
 
 
 def method_settings(sp, cam_layer) -> dict:
@@ -107,9 +111,10 @@ def main(argv=None):
     predict = {"input_size": meta["input_size"], "loss": meta["loss"], "batch_size": sp.batch_size}
     chosen = select_images(val, list(dict.fromkeys(sp.images)), sp.num_images)
     shown = quality.predict_images(model, chosen, device, **predict)
-    # scored for quality: a fixed choice, like `shown`
-    index = spread_index(len(val), sp.quality_images or len(val))
-    scored = quality.ScoredImages(model, val, device, index=index, **predict)
+    # scored for quality: a fixed choice, like `shown`; quick: the shown images themselves (maps reused)
+    split = chosen if sp.quick else val
+    count = len(split) if sp.quick else sp.quality_images or len(val)
+    scored = quality.ScoredImages(model, split, device, index=spread_index(len(split), count), **predict)
     with atomic_outputs(args.out, args.metrics) as (out, metrics_file):  # together, the metrics last
         out.mkdir()
         scores = quality.score_methods(
@@ -119,17 +124,15 @@ def main(argv=None):
             methods=sp.methods,
             seed=params.seed,
             batch_size=sp.batch_size,
-            quality_steps=sp.quality_steps,
             bootstrap=sp.bootstrap,
-            randomization=sp.randomization,
-            road_steps=sp.road_steps,
             settings=settings,
+            **quality.scoring(**{key: getattr(sp, key) for key in SCORING}),
         )
         about = {"params": params, "settings": settings, "meta": meta, "weights_dir": args.weights}
         write_outputs(out, model, shown, scores=scores, **about)
         seconds = time.perf_counter() - began
         where = {"shown": shown, "scored": scored, "device": device_name(device), "cam_layer": cam_layer}
-        full = quality.full_results(scores, seconds=seconds, **where)
+        full = quality.full_results(scores, seconds=seconds, quick=sp.quick, **where)
         write_json(out / "quality.json", full)
         write_json(metrics_file, quality.headline_metrics(full, methods=sp.methods))
     log(quality.summary_text(full))

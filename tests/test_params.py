@@ -39,6 +39,7 @@ def test_project_params_and_demo_overrides_are_valid():
         ({"trian": {}}, ["unknown key trian", "train"]),
         ({"saliency": {"methods": ["gradient", "lime"]}}, ["saliency.methods", "'lime'", "smoothgrad"]),
         ({"train": {"flip": "yes"}}, ["train.flip", "true or false"]),
+        ({"saliency": {"quick": "fast"}}, ["saliency.quick", "'fast'", "true or false"]),
         ({"prepare": {"on_bad_image": "ignore"}}, ["prepare.on_bad_image", "skip", "fail"]),
         ({"data": {"synthetic": {"image_size": 8}}}, ["data.synthetic.image_size", "between 32 and 2048"]),
         ({"train": 5}, ["train must be a mapping"]),
@@ -55,6 +56,7 @@ def test_types_are_coerced_and_missing_keys_default():
     p = parse_params({"train": {"lr": 1}, "seed": 3})
     assert isinstance(p.train.lr, float) and p.train.lr == 1.0
     assert p.seed == 3 and p.train.epochs == 25
+    assert p.saliency.quick is False and parse_params({"saliency": {"quick": True}}).saliency.quick is True
 
 
 def test_stage_exits_2_with_one_clear_line(tmp_path):

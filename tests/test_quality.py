@@ -107,6 +107,60 @@ def test_the_insertion_blur_is_torchvision_s_to_the_bit(dtype):
         assert ours.dtype == dtype and ours.shape == x.shape
 
 
+class CountingModel(MeanPixelModel):
+    """MeanPixelModel that counts the images it is given and keeps its batch sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.batches = 0, []
+
+    def forward(self, x):
+        self.images += len(x)
+        self.batches.append(len(x))
+        return super().forward(x)
+
+
+def test_the_curve_ends_run_once_and_are_shared_by_every_map():
+    """The image, its blurred start and the deleted image are the curves' ends whatever the map: one
+    forward each (the deleted image once for all images), and with `ends` given none at all."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g)
+    target = torch.zeros(3, dtype=torch.long)
+    model = CountingModel()
+    out = Q.deletion_insertion(model, x, target, maps=torch.rand(3, 16, 16, generator=g), steps=4)
+    assert model.images == 2 * 3 * (4 - 1) + 2 * 3 + 1
+    ends = Q.curve_ends(model, x, start=Q.insertion_start_of(x), deletion_value=0.0, batch_size=2)
+    maps = torch.rand(3, 16, 16, generator=g)
+    model.images = 0
+    given = Q.deletion_insertion(model, x, target, maps=maps, steps=4, ends=ends)
+    assert model.images == 2 * 3 * (4 - 1)
+    found = Q.deletion_insertion(model, x, target, maps=maps, steps=4)
+    for key in ("deletion_curve", "insertion_curve"):
+        assert torch.equal(given[key], found[key]) and given[key].shape == out[key].shape
+    model.batches = []  # 7 images in forwards of at most 3: evenly, not 3, 3 and 1 alone
+    Q.curve_ends(model, x, start=x, deletion_value=0.0, batch_size=3)
+    assert model.batches == [3, 2, 2]
+
+
+def test_scored_images_compute_the_curve_ends_once_for_every_map():
+    from cnnlens.tensors import Split
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (4, 3, 20, 20), generator=g, dtype=torch.uint8)
+    split = Split(images, torch.zeros(4, dtype=torch.long), [f"val/a/{i}.jpg" for i in range(4)], None)
+    model = CountingModel()
+    predict = {"input_size": 16, "loss": "cross_entropy", "batch_size": 4}
+    scored = Q.ScoredImages(model, split, torch.device("cpu"), index=torch.arange(4), **predict)
+    kw = {"steps": 4, "seed": 0, "batch_size": 4, "bootstrap": 20}
+    sources = [Q.baseline_source("random", seed=0), Q.baseline_source("center", seed=0)]
+    model.images = 0
+    shared = [Q.score_maps(model, scored, source, **kw) for source in sources]
+    assert model.images == 2 * 4 + 1 + len(sources) * 2 * 4 * (4 - 1)
+    alone = [Q.score_maps(model, [scored.first], source, **kw) for source in sources]
+    assert shared == alone
+    assert scored.curve_ends(MeanPixelModel(), scored.first, batch_size=4) is None  # another model's
+
+
 def test_a_map_that_follows_the_model_beats_the_random_and_centre_baselines():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(4, 3, 16, 16, generator=g)
@@ -505,6 +559,25 @@ def test_road_ranks_a_map_that_follows_the_model_above_the_baselines():
     assert torch.equal(score(x[:, 0])["morf"], good["morf"])  # seeded: the same noise and tie order
     one_by_one = torch.cat([one(i)["morf"] for i in range(4)])
     assert torch.equal(one_by_one, good["morf"])  # an image's score does not depend on its batch
+
+
+def test_road_factorises_each_mask_once_for_images_ranked_alike(monkeypatch):
+    """The centre prior ranks every image alike: its 2 x steps masks are factorised once for all images,
+    and each image's scores are the ones it gets alone (the same system, its own right-hand side)."""
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    target = torch.zeros(3, dtype=torch.long)
+    maps = Q.center_prior_maps(3, 16, 16)
+    alone = [Q.road(MeanPixelModel(), x[i : i + 1], target[:1], maps=maps[:1], steps=4) for i in range(3)]
+    built = []
+    system = Q.imputation_system
+    monkeypatch.setattr(Q, "imputation_system", lambda removed: built.append(1) or system(removed))
+    together = Q.road(MeanPixelModel(), x, target, maps=maps, steps=4, batch_size=5)
+    assert len(built) == 2 * 4
+    for key in ("morf_curve", "lerf_curve"):
+        assert torch.equal(together[key], torch.cat([one[key] for one in alone]))
+    built.clear()
+    Q.road(MeanPixelModel(), x, target, maps=x[:, 0], steps=4)  # ranked apart: one system per mask
+    assert len(built) == 3 * 2 * 4
 
 
 def test_score_maps_adds_road_for_methods_and_baselines_alike():

@@ -14,6 +14,7 @@ from conftest import checkpoint_meta, make_prepared, make_weights_dir, run_stage
 from cnnlens import attribution as A
 from cnnlens import quality
 from cnnlens.cli import run_main
+from cnnlens.config import parse_params
 from cnnlens.model import build_model, load_checkpoint, save_checkpoint
 from cnnlens.tensors import eval_inputs, load_split, select_images
 from stages import saliency as stage
@@ -333,3 +334,39 @@ def test_without_masks_the_pointing_game_is_n_a_and_left_out(project, tmp_path, 
     assert "gradcam_grid" not in metrics  # no CAM method ran
     full = json.loads((tmp_path / "plots" / "saliency" / "quality.json").read_text())
     assert not full["masks"] and "pointing_game" not in full["gradient"]
+
+
+def test_quick_keeps_the_maps_and_scores_less_and_says_so(full_run, project, tmp_path, capsys, monkeypatch):
+    """saliency.quick: the shown images' maps and figures as the full run's; quality on those images (their
+    maps made once, not again for the scoring), deletion/insertion at most 8 steps, no ROAD, no
+    randomisation check; quality.json, the metrics and the log say quick."""
+    made = []
+    explain = quality.explain
+    monkeypatch.setattr(
+        quality, "explain", lambda name, *a, **kw: made.append(name) or explain(name, *a, **kw)
+    )
+    params = write_params(
+        tmp_path / "params.yaml", {"saliency": {**SMALL, "quick": True, "before_after": False}}
+    )
+    run_main(stage.main, [str(a) for a in args(project, tmp_path, params)])
+    out, full = tmp_path / "plots" / "saliency", full_run["out"]
+    q = json.loads((out / "quality.json").read_text())
+    metrics = json.loads((tmp_path / "metrics" / "saliency.json").read_text())
+    assert made == METHODS  # once each: the shown images are the scored ones
+    for name in METHODS:
+        a, b = np.load(out / "arrays" / f"{name}.npz"), np.load(full / "arrays" / f"{name}.npz")
+        assert all(np.array_equal(a[k], b[k]) for k in ("maps", "inputs", "target", "paths")), name
+        assert (out / "figures" / f"{name}.png").read_bytes() == (
+            full / "figures" / f"{name}.png"
+        ).read_bytes()
+        assert "road_morf" not in q[name] and q[name]["randomization_rho"] is None
+        assert q[name]["metric_passes"]["deletion_insertion"]["forward"] == 2 * (SMALL["quality_steps"] + 1)
+        assert "road" not in q[name]["metric_passes"] and "randomization" not in q[name]["metric_passes"]
+    assert q["quick"] is True and metrics["quick"] is True and "quick" not in full_run["quality"]
+    assert q["n_quality_images"] == SMALL["num_images"] and q["random"]["deletion_auc"]["n"] == 3
+    assert q["randomization_images"] == 0 and not (out / "randomization.csv").exists()
+    assert "quick: quality on the shown images" in capsys.readouterr().err
+    # the defaults' 16 steps become 8 (SMALL's 4 stay 4)
+    sp = parse_params({"saliency": {"quick": True}}).saliency
+    found = quality.scoring(**{key: getattr(sp, key) for key in stage.SCORING})
+    assert found == {"quality_steps": quality.QUICK_STEPS, "road_steps": 0, "randomization": False}
