@@ -19,6 +19,9 @@ from cnnlens import quality as Q
 from cnnlens.model import predictions
 from cnnlens.tensors import gaussian_blur as blur
 
+# the cascade of the model-randomisation check on a ResNet: the trained model, then each block re-initialised
+RANDOMIZED = ["original", "fc", "layer4", "layer3", "layer2", "layer1", "conv1+bn1"]
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
@@ -233,15 +236,7 @@ def test_randomization_check_leaves_the_model_alone_and_starts_at_one():
     x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(1))
     pred, _ = predictions(model, x)
     result = Q.randomization_check(model, x, pred, method_fn=A.gradient, seed=0)
-    assert [name for name, _ in result] == [
-        "original",
-        "fc",
-        "layer4",
-        "layer3",
-        "layer2",
-        "layer1",
-        "conv1+bn1",
-    ]
+    assert [name for name, _ in result] == RANDOMIZED
     assert result[0][1] == pytest.approx(1.0, abs=1e-6)
     assert all(-1.0 <= rho <= 1.0 for _, rho in result)
     assert min(rho for _, rho in result[1:]) < 0.9  # randomising does change the maps
@@ -618,14 +613,6 @@ def test_every_new_method_moves_when_the_weights_are_reinitialised(name):
     }
     source = Q.method_source(name, seed=0, batch_size=8, settings=settings)
     curve = Q.randomization_check(model, x, pred, method_fn=source, seed=0)
-    assert [layer for layer, _ in curve] == [
-        "original",
-        "fc",
-        "layer4",
-        "layer3",
-        "layer2",
-        "layer1",
-        "conv1+bn1",
-    ]
+    assert [layer for layer, _ in curve] == RANDOMIZED
     assert curve[0][1] == pytest.approx(1.0)
     assert min(rho for _, rho in curve[1:]) < 0.9  # the map moves
