@@ -5,6 +5,8 @@ model's input_size, the centre crop), and does the rest itself: the ImageNet nor
 (tensors.normalize), the network, and the class probabilities by the rule of the loss it was trained with
 (model.probabilities). Outputs: `logits` and `probabilities`, N x classes. So serving needs neither torch
 nor the normalisation constants nor the loss's rule: onnxruntime, numpy and Pillow (requirements-serve.txt).
+cnnlens' ResNets are written node by node (onnx_resnet.serving_graph, under a second); any other network is
+traced by torch.onnx.export (seconds, and torch._dynamo's import).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import helper
 from torch import nn
 
 from cnnlens.errors import StageError
 from cnnlens.model import predict_logits, probabilities
+from cnnlens.onnx_resnet import serving_graph
 from cnnlens.tensors import center_crop, normalize
 
 OPSET = 18  # ONNX opset of the export: onnxruntime 1.14 and later run it
@@ -39,9 +44,24 @@ class Serving(nn.Module):
 
 def export_onnx(
     model: nn.Module, path: str | Path, crop: int, *, loss: str, metadata: dict, opset: int = OPSET
-) -> None:
+) -> str:
     """Write `model` (eval mode, CPU) as ONNX to `path`: one file, the batch axis dynamic, `metadata`
-    in the model's metadata_props (strings as they are, other values as JSON), where any ONNX tool reads them."""
+    in the model's metadata_props (strings as they are, other values as JSON), where any ONNX tool reads them.
+    Returns the writer: "cnnlens.onnx_resnet" for a resnet.ResNet (its nodes written directly, under a
+    second), else "torch.onnx" (traced by torch.onnx.export: seconds)."""
+    proto, writer = serving_graph(model, crop, loss=loss, opset=opset), "cnnlens.onnx_resnet"
+    if proto is None:
+        proto, writer = traced_graph(model, crop, loss=loss, opset=opset), "torch.onnx"
+    helper.set_model_props(
+        proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    )
+    # one self-contained file: the weights inside (ResNet-18: 45 MB)
+    onnx.save_model(proto, str(path))
+    return writer
+
+
+def traced_graph(model: nn.Module, crop: int, *, loss: str, opset: int) -> onnx.ModelProto:
+    """Serving(model, loss) traced by torch.onnx.export (dynamo), for any network."""
     serving = Serving(model.cpu().eval(), loss).eval()
     example = torch.zeros(2, 3, crop, crop, dtype=torch.uint8)
     try:
@@ -57,15 +77,12 @@ def export_onnx(
         )
     except Exception as exc:  # the exporter raises many types, each with a long report
         why = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise StageError(f"torch.onnx.export failed for {path} ({type(exc).__name__}: {why})") from exc
+        raise StageError(f"torch.onnx.export failed ({type(exc).__name__}: {why})") from exc
     for node in program.model.graph.all_nodes():
         # the exporter's notes per node hold this file's absolute path and line numbers: without them
         # the same model gives the same bytes in every clone (DVC's hash, the run-cache)
         node.metadata_props.clear()
-    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    program.model.metadata_props.update(props)
-    # one self-contained file: the weights inside (ResNet-18: 45 MB)
-    program.save(str(path), external_data=False)
+    return program.model_proto
 
 
 def onnx_session(path: str | Path):

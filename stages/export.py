@@ -40,13 +40,14 @@ def main(argv=None):
     with atomic_outputs(args.out, args.metrics) as (out, metrics):  # together, the metrics last
         out.mkdir()
         onnx_path = out / "model.onnx"
-        export_onnx(model, onnx_path, crop, loss=loss, metadata={**facts, "arch": meta["arch"]})
+        writer = export_onnx(model, onnx_path, crop, loss=loss, metadata={**facts, "arch": meta["arch"]})
         diff = compare_with_torch(model, onnx_path, val.images, crop=crop, loss=loss)
         check_difference(diff, args.out / "model.onnx")
         onnx_facts = {
             "format": "onnx",
             "file": "model.onnx",
             "opset": OPSET,
+            "writer": writer,
             "input": {"name": "image", "dtype": "uint8", "shape": ["batch", 3, crop, crop]},
             "outputs": {
                 "logits": ["batch", len(meta["classes"])],

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, small_resnet
+from conftest import ROOT, randomize_batchnorm, small_resnet
 from use_helpers import shared_tiny_project
 
 pytest.importorskip("onnxruntime", reason="onnxruntime cannot be imported here")
@@ -19,6 +19,8 @@ from cnnlens.cli import run_main  # noqa: E402
 from cnnlens.errors import StageError  # noqa: E402
 from cnnlens.model import predict_logits, probabilities  # noqa: E402
 from cnnlens.onnx_export import TOLERANCE, check_difference, compare_with_torch, export_onnx, onnx_session  # noqa: E402
+from cnnlens.onnx_resnet import writable  # noqa: E402
+from cnnlens.resnet import resnet  # noqa: E402
 from cnnlens.tensors import center_crop, load_split  # noqa: E402
 
 
@@ -82,6 +84,44 @@ def test_the_graph_applies_the_losses_probability_rule(tmp_path, one_thread):
     assert np.abs(proba - softmax.numpy()).max() > 1e-3  # not the softmax
 
 
+@pytest.mark.parametrize(
+    "arch, loss", [("resnet18", "cross_entropy"), ("resnet34", "bce_with_logits"), ("resnet50", "focal")]
+)
+def test_resnets_are_written_node_by_node_and_compute_what_pytorch_does(tmp_path, one_thread, arch, loss):
+    """cnnlens' ResNets skip the tracer: one node per module, named after it, every BatchNorm folded into its
+    convolution, the loss's probability rule at the end; onnxruntime computes what PyTorch does."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(resnet(arch, num_classes=3)).eval()
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, 32, loss=loss, metadata={"arch": arch}) == "cnnlens.onnx_resnet"
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    ops = {node.name: node.op_type for node in proto.graph.node}
+    assert (
+        ops["layer1.0.conv1"] == "Conv"
+        and ops["logits"] == "Gemm"
+        and "BatchNormalization" not in ops.values()
+    )
+    blocks = {"resnet18": 8, "resnet34": 16, "resnet50": 16}[arch]
+    assert sum(op == "Add" for op in ops.values()) == blocks
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    scale = predict_logits(model, x, 32, device=torch.device("cpu")).abs().max().item()
+    diff = compare_with_torch(model, path, x, crop=32, loss=loss, batch_size=3)
+    assert diff["images"] == 5 and diff["max_abs_logit_difference"] <= 1e-5 * max(1.0, scale)
+    assert diff["max_abs_probability_difference"] <= 1e-5
+
+
+def test_other_networks_go_through_the_tracer():
+    """Only resnet.ResNet's own modules, with a Linear head and a known probability rule, are written
+    directly; anything else (torchvision's networks, a changed head) is torch.onnx.export's."""
+    model = resnet("resnet18", num_classes=2)
+    assert writable(model, "cross_entropy") and writable(model, "multi_margin")
+    assert not writable(small_resnet(seed=1), "cross_entropy")  # torchvision's class
+    assert not writable(model, "no_such_loss")
+    model.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(512, 2))
+    assert not writable(model, "cross_entropy")
+
+
 def test_check_difference_fails_in_one_line_on_a_large_or_nan_difference():
     check_difference({"max_abs_logit_difference": 1e-5, "images": 3}, "x.onnx")
     for bad in (1e-3, float("nan")):
@@ -129,7 +169,8 @@ def test_the_file_holds_no_path_of_this_checkout(tmp_path, one_thread):
     """The exporter notes each node's Python stack trace (absolute paths, line numbers): kept, the same model
     gave other bytes in another clone, and DVC another hash. The model's own metadata stays."""
     path = tmp_path / "m.onnx"
-    export_onnx(small_resnet(seed=1), path, 16, loss="cross_entropy", metadata={"arch": "resnet18", "n": 2})
+    meta = {"arch": "resnet18", "n": 2}
+    assert export_onnx(small_resnet(seed=1), path, 16, loss="cross_entropy", metadata=meta) == "torch.onnx"
     data = path.read_bytes()
     assert b"onnx_export.py" not in data and str(ROOT).encode() not in data
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}

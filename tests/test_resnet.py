@@ -85,20 +85,26 @@ def test_torchvision_stays_a_declared_dependency():
 
 
 IMPORTS = """
-import json, sys
+import json, pathlib, sys, tempfile
 import cnnlens.model, cnnlens.predict
-import stages.download, stages.finetune, stages.evaluate, stages.saliency, stages.activations
+import stages.download, stages.finetune, stages.evaluate, stages.saliency, stages.activations, stages.export
+from cnnlens.onnx_export import export_onnx
 from cnnlens.weights import imagenet_weights
 for arch in ("resnet18", "resnet34", "resnet50"):
     cnnlens.model.build_model(arch, 2)
     imagenet_weights(arch)
+with tempfile.TemporaryDirectory() as tmp:
+    model = cnnlens.model.build_model("resnet18", 2).eval()
+    writer = export_onnx(model, pathlib.Path(tmp) / "m.onnx", 32, loss="cross_entropy", metadata={})
+    assert writer == "cnnlens.onnx_resnet", writer
 print(json.dumps(sorted(sys.modules)))
 """
 
 
 def test_the_resnet_stages_import_neither_torchvision_nor_dynamo():
     """import torchvision costs over a second (its ops import torch._dynamo); the stages, cnnlens.predict,
-    building a ResNet and finding its ImageNet weights must not pay it."""
+    building a ResNet, finding its ImageNet weights and exporting it to ONNX (torch.onnx.export would
+    import torch._dynamo) must not pay it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-c", IMPORTS], cwd=ROOT, env=env, capture_output=True, text=True, check=True
