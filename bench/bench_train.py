@@ -11,7 +11,7 @@ Both use the same prepared data, device, seed and epochs, for both scenarios (fi
 feature_extractor with cached features, 25 epochs by default; --fe-uncached adds our
 augmented feature_extractor run). Prints per-epoch
 seconds (median of the epochs after the first), the ratio (a)/(b), val accuracy of both, peak RSS
-and, on CUDA, peak allocated memory. Needs torch, torchvision, pandas, pillow, pyyaml, tqdm; no DVC.
+and, on CUDA, peak allocated memory. Needs torch, torchvision, pillow, pyyaml, tqdm; no DVC.
 Results are from random init unless --weights points at ImageNet weights.
 
 --ours picks our variants by batch size (default: the device's default above): `4` is the

@@ -171,7 +171,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "comparison.csv", index=False)
     (args.out / "comparison.md").write_text(markdown_table(table, args.method))
-    save_figure(tradeoff_figure(table, args.method), args.out / "accuracy_vs_saliency.png")
+    save_figure(tradeoff_figure(table.to_dict("records"), args.method), args.out / "accuracy_vs_saliency.png")
     first = next(iter(runs.values()))
     n = min(args.images, len(first["paths"]))
     maps, q = shared_scale({loss: r["maps"][:n] for loss, r in runs.items()})

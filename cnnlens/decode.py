@@ -9,6 +9,7 @@ a time, so memory does not grow with the number of images.
 from __future__ import annotations
 
 import collections
+import csv
 import io
 import os
 import warnings
@@ -210,13 +211,11 @@ def check_names(raw: Path, jobs: list) -> dict:
 
 def read_annotations(raw: Path) -> dict[str, Path]:
     """{image path: mask file} from the synthetic source's annotations.csv, if there is one."""
-    csv = raw / "annotations.csv"
-    if not csv.exists():
+    listing = raw / "annotations.csv"
+    if not listing.exists():
         return {}
-    import pandas as pd  # not at the top: predict's onnx backend imports this module with numpy and Pillow only
-
-    table = pd.read_csv(csv)
-    return {row.path: raw / row.mask for row in table.itertuples() if isinstance(row.mask, str)}
+    with open(listing, newline="", encoding="utf-8") as fh:
+        return {row["path"]: raw / row["mask"] for row in csv.DictReader(fh) if row["mask"]}
 
 
 def bounded_map(fn, items: list, *, workers: int, depth: int):
@@ -254,6 +253,7 @@ def decode_stream(
 
     workers = min(32, (os.cpu_count() or 1) + 4)
     results = bounded_map(work, jobs, workers=workers, depth=4 * workers)
-    from tqdm import tqdm  # as pandas above
+    # not at the top: predict's onnx backend imports this module with numpy and Pillow only
+    from tqdm import tqdm
 
     yield from tqdm(results, total=len(jobs), desc="prepare", unit="img", leave=False, disable=None)

@@ -12,12 +12,11 @@ import matplotlib
 matplotlib.use("Agg")  # headless: stages run under DVC, CI and on GPU machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cnnlens.files import atomic_path, unique_stems  # noqa: E402
+from cnnlens.files import atomic_path, unique_stems, write_csv  # noqa: E402
 from cnnlens.tensors import combine_channels, denormalize, normalize_maps  # noqa: E402
 
 
@@ -494,22 +493,23 @@ def write_randomization(out: Path, curves: dict, *, labels: dict, images: int, s
     """<out>/randomization.csv, one column per method so DVC draws one line per method, and
     figures/randomization.png. curves: {method: [(layer, rho), ...]}; labels: {method: figure label}."""
     first = next(iter(curves.values()))
-    table = pd.DataFrame({"step": range(len(first)), "layer": [layer for layer, _ in first]})
-    for name, curve in curves.items():
-        table[name] = [rho for _, rho in curve]
-    table.to_csv(out / "randomization.csv", index=False)
+    rows = [
+        {"step": step, "layer": layer, **{name: curve[step][1] for name, curve in curves.items()}}
+        for step, (layer, _) in enumerate(first)
+    ]
+    write_csv(out / "randomization.csv", rows)
     title = randomization_title(images, [labels[k] for k in skipped])
     figure = randomization_figure({labels[k]: c for k, c in curves.items()}, title)
     save_figure(figure, out / "figures" / "randomization.png")
 
 
-def quality_figure(table: pd.DataFrame, *, labels: dict, headers: dict, baselines, title: str):
+def quality_figure(table: list[dict], *, labels: dict, headers: dict, baselines, title: str):
     """A quality table as a figure: one row per method or baseline in the table's order (shaded: the
     `baselines`), one column per score of `headers` ({metric: column title}) that the table holds, each
     cell `mean [low, high]`. table: quality.quality_table()'s rows (method, metric, mean, low, high)."""
-    metrics = [m for m in headers if m in set(table.metric)]
-    names = list(dict.fromkeys(table.method))
-    cells = {(r.method, r.metric): f"{r.mean:.3f} [{r.low:.2f}, {r.high:.2f}]" for r in table.itertuples()}
+    metrics = [m for m in headers if m in {r["metric"] for r in table}]
+    names = list(dict.fromkeys(r["method"] for r in table))
+    cells = {(r["method"], r["metric"]): f"{r['mean']:.3f} [{r['low']:.2f}, {r['high']:.2f}]" for r in table}
     text = [[cells.get((n, m), "n/a") for m in metrics] for n in names]
     fig, ax = plt.subplots(figsize=(1.55 * len(metrics) + 1.6, 0.3 * len(names) + 0.9))
     ax.axis("off")
@@ -532,11 +532,11 @@ def quality_figure(table: pd.DataFrame, *, labels: dict, headers: dict, baseline
 
 
 def write_quality(
-    out: Path, table: pd.DataFrame, *, labels: dict, headers: dict, baselines, images: int, sorted_by: str
+    out: Path, table: list[dict], *, labels: dict, headers: dict, baselines, images: int, sorted_by: str
 ):
     """<out>/quality.csv (the table's rows as they are) and figures/quality.png (quality_figure);
     `sorted_by` names the score the table's order follows."""
-    table.to_csv(out / "quality.csv", index=False)
+    write_csv(out / "quality.csv", table)
     title = (
         f"Explanation quality on {images} val images, sorted by {sorted_by} (best first): mean [95% "
         "bootstrap interval];\nshaded: baselines that know nothing of the model"
@@ -621,18 +621,12 @@ def write_layer_figures(out: Path, compact: dict, *, arch: str) -> None:
 
 def write_layer_statistics(out: Path, stats: dict, *, arch: str, n_images: int) -> None:
     """<out>/sparsity.csv (layer, sparsity, mean: the plots page's bar chart) and sparsity.png."""
-    table = pd.DataFrame(
-        {
-            "layer": list(stats),
-            "sparsity": [s["sparsity"] for s in stats.values()],
-            "mean": [s["mean"] for s in stats.values()],
-        }
-    )
-    table.to_csv(out / "sparsity.csv", index=False)
+    rows = [{"layer": layer, "sparsity": s["sparsity"], "mean": s["mean"]} for layer, s in stats.items()]
+    write_csv(out / "sparsity.csv", rows)
     figure = layer_stats_figure(
-        table["layer"].tolist(),
-        table["sparsity"].tolist(),
-        table["mean"].tolist(),
+        [r["layer"] for r in rows],
+        [r["sparsity"] for r in rows],
+        [r["mean"] for r in rows],
         title=f"{arch} activations over {n_images} val images",
     )
     save_figure(figure, out / "sparsity.png")
@@ -641,12 +635,13 @@ def write_layer_statistics(out: Path, stats: dict, *, arch: str, n_images: int) 
 # ---- comparing losses (cnnlens/compare.py)
 
 
-def tradeoff_figure(table, method: str, *, x: str = "accuracy", y: str = "pointing_game"):
-    """One point per row of `table` (a loss) at (x, y) with its 95% interval bars both ways;
-    falls back to insertion AUC when the data has no object masks (no pointing game)."""
-    y = y if y in table.columns else "insertion_auc"
+def tradeoff_figure(table: list[dict], method: str, *, x: str = "accuracy", y: str = "pointing_game"):
+    """One point per row of `table` (a loss: compare.comparison_table()'s rows as dicts) at (x, y) with
+    its 95% interval bars both ways; falls back to insertion AUC when the data has no object masks (no
+    pointing game)."""
+    y = y if any(y in r for r in table) else "insertion_auc"
     fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
-    for i, (_, r) in enumerate(table.iterrows()):
+    for i, r in enumerate(table):
         xerr = [[r[x] - r[f"{x}_low"]], [r[f"{x}_high"] - r[x]]]
         yerr = [[r[y] - r[f"{y}_low"]], [r[f"{y}_high"] - r[y]]]
         ax.errorbar(r[x], r[y], xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=f"C{i}", label=r["loss"])

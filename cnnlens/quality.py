@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy import sparse, stats
@@ -968,15 +967,14 @@ def ranked(metrics: dict) -> list[str]:
     )
 
 
-def quality_table(metrics: dict) -> pd.DataFrame:
+def quality_table(metrics: dict) -> list[dict]:
     """One row per method (or baseline) and score with an interval: method, metric, mean, low, high; the
     methods in ranked() order (best deletion AUC first)."""
-    rows = [
-        (name, metric, *(metrics[name][metric][k] for k in ("mean", "low", "high")))
+    return [
+        {"method": name, "metric": metric, **{k: metrics[name][metric][k] for k in ("mean", "low", "high")}}
         for name in ranked(metrics)
         for metric in _scores(metrics[name])
     ]
-    return pd.DataFrame(rows, columns=["method", "metric", "mean", "low", "high"])
 
 
 def quality_table_text(metrics: dict) -> str:

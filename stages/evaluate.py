@@ -4,13 +4,12 @@ python -m stages.evaluate --data data/prepared --model models --metrics metrics/
 """
 
 import numpy as np
-import pandas as pd
 
 from cnnlens.cli import log, run_main
 from cnnlens.config import stage_args
 from cnnlens.devices import select_device
 from cnnlens.figures import chw_to_hwc, image_grid, save_figure
-from cnnlens.files import atomic_outputs, write_json
+from cnnlens.files import atomic_outputs, write_csv, write_json
 from cnnlens.metrics import (
     classification_metrics,
     confusion,
@@ -23,27 +22,30 @@ from cnnlens.model import load_checkpoint, predict_logits, probabilities
 from cnnlens.tensors import center_crop, load_split
 
 
-def predictions_table(paths, y_true, proba, *, classes) -> pd.DataFrame:
-    y_pred = proba.argmax(1)
-    table = pd.DataFrame(
-        {"path": paths, "true": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]}
-    )
-    for i, name in enumerate(classes):
-        table[f"p_{name}"] = proba[:, i].round(6)
-    table["correct"] = y_true == y_pred
-    return table
+def predictions_table(paths, y_true, proba, *, classes) -> list[dict]:
+    """One row per image: path, true and predicted class, p_<class> for each class (6 decimals), correct."""
+    y_pred, rounded = proba.argmax(1), proba.round(6)
+    return [
+        {
+            "path": path,
+            "true": classes[t],
+            "predicted": classes[p],
+            **{f"p_{name}": rounded[i, j] for j, name in enumerate(classes)},
+            "correct": t == p,
+        }
+        for i, (path, t, p) in enumerate(zip(paths, y_true, y_pred))
+    ]
 
 
 def write_plots(out, table, *, y_true, proba, ece_bins: int) -> None:
     """The plot data (DVC's plots section reads these files) and the predictions table."""
-    table[["path", "true", "predicted"]].rename(columns={"true": "actual"}).to_csv(
-        out / "confusion.csv", index=False
-    )
-    table.to_csv(out / "predictions.csv", index=False)
-    pd.DataFrame(roc_points(y_true, proba)).to_csv(out / "roc.csv", index=False)
-    pd.DataFrame(pr_points(y_true, proba)).to_csv(out / "precision_recall.csv", index=False)
+    confusion_rows = [{"path": r["path"], "actual": r["true"], "predicted": r["predicted"]} for r in table]
+    write_csv(out / "confusion.csv", confusion_rows)
+    write_csv(out / "predictions.csv", table)
+    write_csv(out / "roc.csv", roc_points(y_true, proba))
+    write_csv(out / "precision_recall.csv", pr_points(y_true, proba))
     bins = [row for row in reliability_table(y_true, proba, ece_bins) if row["count"]]  # no empty bins
-    pd.DataFrame(bins).to_csv(out / "reliability.csv", index=False)
+    write_csv(out / "reliability.csv", bins)
 
 
 def main(argv=None):
@@ -81,7 +83,7 @@ def main(argv=None):
     with atomic_outputs(args.plots, args.metrics) as (out, metrics):  # together, the metrics last
         out.mkdir()
         write_plots(out, table, y_true=y_true, proba=proba, ece_bins=ep.ece_bins)
-        pd.DataFrame(per_class_table(y_true, y_pred, classes)).to_csv(out / "per_class.csv", index=False)
+        write_csv(out / "per_class.csv", per_class_table(y_true, y_pred, classes))
         save_figure(gallery, out / "misclassified.png")
         write_json(metrics, scores)
     log(

@@ -10,13 +10,11 @@ skips the resized copy (one file per image for DVC to hash) for large data.
 import json
 from pathlib import Path
 
-import pandas as pd
-
 from cnnlens.cli import log, run_main
 from cnnlens.config import stage_args
 from cnnlens.decode import decode_stream, scan_imagefolder, stratified_split
 from cnnlens.errors import StageError
-from cnnlens.files import atomic_outputs, write_json
+from cnnlens.files import atomic_outputs, write_csv, write_json
 from cnnlens.packing import ShardWriter, write_index
 
 
@@ -130,12 +128,10 @@ def main(argv=None):
             "val_images": sum(counts["val"].values()),
             "skipped": len(skipped),
         }
-        pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
+        write_csv(out / "manifest.csv", rows)
         (out / "classes.json").write_text(json.dumps(classes) + "\n")
         (out / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
-        pd.DataFrame(skipped, columns=["path", "split", "class", "reason"]).to_csv(
-            out / "skipped.csv", index=False
-        )
+        write_csv(out / "skipped.csv", skipped, columns=["path", "split", "class", "reason"])
         write_json(report_tmp, report)
     log(
         f"prepare: {report['train_images']} train / {report['val_images']} val images, {len(classes)} classes, "

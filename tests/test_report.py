@@ -193,7 +193,7 @@ def test_comparison_table_markdown_and_figures():
 
     from cnnlens.figures import saliency_by_loss_figure, tradeoff_figure
 
-    fig = tradeoff_figure(table, "gradient")
+    fig = tradeoff_figure(table.to_dict("records"), "gradient")
     assert len(fig.axes[0].lines) >= 2
     fig = saliency_by_loss_figure(np.zeros((3, 8, 8, 3)), scaled, ["a", "b", "c"], method="gradient", scale=q)
     # the panels are composed into one image; a column title per loss above the first row

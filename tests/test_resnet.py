@@ -1,5 +1,6 @@
 """cnnlens/resnet.py against torchvision: the same tensors from the same seed, the same forward, and
-no torchvision (nor torch._dynamo, which it drags in) imported by the stages that use a ResNet."""
+no torchvision (nor torch._dynamo, which it drags in) imported by the stages that use a ResNet; nor
+pandas by any stage."""
 
 from __future__ import annotations
 
@@ -84,32 +85,49 @@ def test_torchvision_stays_a_declared_dependency():
     assert any(line.strip().startswith("torchvision") for line in requirements)
 
 
+# One process per module, so a failure names it; cnnlens.predict's also builds each ResNet and finds its
+# ImageNet weights, stages.export's also exports a ResNet.
 IMPORTS = """
 import json, pathlib, sys, tempfile
-import cnnlens.model, cnnlens.predict
-import stages.download, stages.finetune, stages.evaluate, stages.saliency, stages.activations, stages.export
-from cnnlens.onnx_export import export_onnx
-from cnnlens.weights import imagenet_weights
-for arch in ("resnet18", "resnet34", "resnet50"):
-    cnnlens.model.build_model(arch, 2)
-    imagenet_weights(arch)
-with tempfile.TemporaryDirectory() as tmp:
-    model = cnnlens.model.build_model("resnet18", 2).eval()
-    writer = export_onnx(model, pathlib.Path(tmp) / "m.onnx", 32, loss="cross_entropy", metadata={})
-    assert writer == "cnnlens.onnx_resnet", writer
+import {module}
+if {build}:
+    from cnnlens.model import build_model
+    from cnnlens.weights import imagenet_weights
+    for arch in ("resnet18", "resnet34", "resnet50"):
+        build_model(arch, 2)
+        imagenet_weights(arch)
+if {export}:
+    from cnnlens.model import build_model
+    from cnnlens.onnx_export import export_onnx
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model("resnet18", 2).eval()
+        writer = export_onnx(model, pathlib.Path(tmp) / "m.onnx", 32, loss="cross_entropy", metadata={{}})
+        assert writer == "cnnlens.onnx_resnet", writer
 print(json.dumps(sorted(sys.modules)))
 """
+STAGES = ("download", "prepare", "finetune", "evaluate", "saliency", "activations", "export")
+RESNET_USERS = ("download", "finetune", "evaluate", "saliency", "activations", "export", "cnnlens.predict")
 
 
-def test_the_resnet_stages_import_neither_torchvision_nor_dynamo():
-    """import torchvision costs over a second (its ops import torch._dynamo); the stages, cnnlens.predict,
-    building a ResNet, finding its ImageNet weights and exporting it to ONNX (torch.onnx.export would
-    import torch._dynamo) must not pay it."""
+@pytest.mark.parametrize("module", [*(f"stages.{s}" for s in STAGES), "cnnlens.predict"])
+def test_the_stages_import_no_pandas_and_the_resnet_ones_neither_torchvision_nor_dynamo(module):
+    """pandas costs a process 0.15-0.2 s: only cnnlens/compare.py (make compare) and the tests use it.
+    import torchvision costs over a second (its ops import torch._dynamo); the stages that use a ResNet,
+    cnnlens.predict, building a ResNet, finding its ImageNet weights and exporting it to ONNX (torch.onnx.export
+    imports torch._dynamo) must not pay it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    build = module == "cnnlens.predict"
     out = subprocess.run(
-        [sys.executable, "-c", IMPORTS], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", IMPORTS.format(module=module, build=build, export=module == "stages.export")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     modules = json.loads(out.splitlines()[-1])
-    assert "torch" in modules and "cnnlens.resnet" in modules
-    unwanted = [m for m in modules if m.split(".")[0] == "torchvision" or m.startswith("torch._dynamo")]
+    assert module in modules and ("cnnlens.resnet" in modules or not build)
+    unwanted = [m for m in modules if m.split(".")[0] == "pandas"]
+    if module.removeprefix("stages.") in RESNET_USERS:
+        unwanted += [m for m in modules if m.split(".")[0] == "torchvision" or m.startswith("torch._dynamo")]
     assert not unwanted, unwanted
