@@ -63,6 +63,9 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     # collections, walking every object torch created (BENCHMARKS.md). Frozen at exit, they are skipped:
     # objects are still released by reference counting as the modules are torn down, files closed,
     # atexit hooks run; only unreachable reference cycles are left to the operating system.
+    if not gc.isenabled():  # stages/__init__.py turned it off for the imports of `python -m stages.X`
+        gc.freeze()  # the imported modules' objects: later collections need not walk them
+        gc.enable()
     if not FREEZE_AT_EXIT:
         FREEZE_AT_EXIT.append(atexit.register(gc.freeze))  # once per process, however often run_main runs
     try:

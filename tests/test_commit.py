@@ -280,3 +280,33 @@ def test_a_command_freezes_the_garbage_collector_at_exit(tmp_path):
     assert run.returncode == 0, run.stderr
     frozen = [int(line.split()[1]) for line in run.stderr.splitlines() if line.startswith("frozen")]
     assert len(frozen) == 1 and frozen[0] > 10_000, run.stderr  # torch alone: several 10^5 objects
+
+
+def test_a_stage_imports_without_the_collector_and_runs_with_it(tmp_path):
+    """`python -m stages.X`: the stage's imports run with the garbage collector off (stages/__init__.py),
+    its main with it on and the imported objects frozen (run_main); importing stages otherwise changes
+    nothing. stages/__init__.py knows `python -m` by the sys.argv runpy sets while it imports the package."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg/__init__.py").write_text("import sys\nprint('argv0', sys.argv[0])\n")
+    (tmp_path / "pkg/mod.py").write_text("")
+    run = subprocess.run([sys.executable, "-m", "pkg.mod"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.stdout == "argv0 -m\n", run.stdout + run.stderr
+    as_stage = textwrap.dedent(
+        """
+        import sys
+        sys.argv = ["-m"]
+        import gc, stages
+        print("import", gc.isenabled())
+        from cnnlens.cli import run_main
+        run_main(lambda argv: print("main", gc.isenabled(), gc.get_freeze_count() > 0))
+        """
+    )
+    imported = "import gc, stages\nprint('import', gc.isenabled())\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        for code in (as_stage, imported)
+    ]
+    assert outs == ["import False\nmain True True\n", "import True\n"]
