@@ -122,10 +122,28 @@ PROBABILITY_NODES = {
 }
 
 
+def plain(module: nn.Module) -> bool:
+    """A module that serving_graph writes as it is: one of resnet.ResNet's, with the settings the nodes assume
+    (zero padding given as numbers; BatchNorm with its scale, shift and running statistics)."""
+    if isinstance(module, nn.Conv2d):
+        return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    if isinstance(module, nn.BatchNorm2d):
+        return module.affine and module.running_var is not None
+    known = (
+        BasicBlock,
+        Bottleneck,
+        nn.Sequential,
+        nn.ReLU,
+        nn.MaxPool2d,
+        ResNet,
+        nn.AdaptiveAvgPool2d,
+        nn.Linear,
+    )
+    return type(module) in known
+
+
 def writable(model: nn.Module, loss: str) -> bool:
     """Whether serving_graph can write `model` with `loss`'s rule: exactly resnet.ResNet's modules."""
-    blocks = (BasicBlock, Bottleneck, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d)
-    known = (*blocks, ResNet, nn.AdaptiveAvgPool2d, nn.Linear)
     pool = getattr(model, "maxpool", None)
     return (
         type(model) is ResNet
@@ -133,7 +151,7 @@ def writable(model: nn.Module, loss: str) -> bool:
         and model.avgpool.output_size in ((1, 1), 1)
         and (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
         == (3, 2, 1, 1, False)
-        and all(type(m) in known for m in model.modules())
+        and all(plain(m) for m in model.modules())
         and loss in LOSSES
         and LOSSES[loss].probabilities in PROBABILITY_NODES
     )

@@ -120,6 +120,13 @@ def test_other_networks_go_through_the_tracer():
     assert not writable(model, "no_such_loss")
     model.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(512, 2))
     assert not writable(model, "cross_entropy")
+    for change in ({"affine": False}, {"track_running_stats": False}):  # no scale and shift; no statistics
+        model = resnet("resnet18", num_classes=2)
+        model.layer2[0].bn1 = torch.nn.BatchNorm2d(128, **change)
+        assert not writable(model, "cross_entropy")
+    model = resnet("resnet18", num_classes=2)
+    model.layer2[0].conv2 = torch.nn.Conv2d(128, 128, 3, padding=1, padding_mode="reflect", bias=False)
+    assert not writable(model, "cross_entropy")
 
 
 def test_check_difference_fails_in_one_line_on_a_large_or_nan_difference():
