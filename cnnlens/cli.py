@@ -8,6 +8,7 @@ The line stays one line of readable length whatever the message holds (one_line)
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import os
 import signal
@@ -17,7 +18,6 @@ from typing import Callable
 from cnnlens.errors import StageError, disk_error_line
 
 PARENT_PID = os.getppid()  # read as early as possible: a parent that dies before prctl is caught below
-FREEZE_AT_EXIT: list = []  # run_main's gc.freeze at exit, once registered
 MAX_LINE = 1000  # characters of an error line; a longer message keeps its start and its end (the fix)
 
 
@@ -56,6 +56,11 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+@functools.cache  # once per process, however often run_main runs
+def freeze_at_exit() -> None:
+    atexit.register(gc.freeze)
+
+
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Run a stage's main(); a StageError or a disk error becomes one clear line on stderr and an exit code."""
     die_with_parent()
@@ -66,8 +71,7 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     if not gc.isenabled():  # stages/__init__.py turned it off for the imports of `python -m stages.X`
         gc.freeze()  # the imported modules' objects: later collections need not walk them
         gc.enable()
-    if not FREEZE_AT_EXIT:
-        FREEZE_AT_EXIT.append(atexit.register(gc.freeze))  # once per process, however often run_main runs
+    freeze_at_exit()
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: leave signals alone

@@ -15,6 +15,7 @@ import contextlib
 import csv
 import glob
 import hashlib
+import io
 import json
 import numbers
 import os
@@ -285,7 +286,7 @@ def remove_path(path: str | os.PathLike) -> None:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -309,10 +310,11 @@ def write_csv(path: str | os.PathLike, rows: list[dict], *, columns: list[str] |
     if columns is None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
     cells = [_csv_cells([row.get(name) for row in rows]) for name in columns]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows([column[i] for column in cells] for i in range(len(rows)))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([column[i] for column in cells] for i in range(len(rows)))
+    write_text(path, text.getvalue())
 
 
 def _csv_cells(values: list) -> list[str]:
