@@ -110,7 +110,9 @@ def normalized(g: Graph, image: str) -> str:
 
 def renormalised_sigmoid_nodes(g: Graph, logits: str) -> str:
     p = g.node("Sigmoid", [logits], "sigmoid")
-    total = g.node("ReduceSum", [p, g.constant("class_axis", np.array([1]))], "sigmoid_sum", keepdims=1)
+    total = g.node(
+        "ReduceSum", [p, g.constant("class_axis", np.array([1], dtype=np.int64))], "sigmoid_sum", keepdims=1
+    )
     total = g.node("Max", [total, g.constant("tiny", np.float32(1e-12))], "sigmoid_sum_clamped")
     return g.node("Div", [p, total], "probabilities")
 
@@ -124,11 +126,14 @@ PROBABILITY_NODES = {
 
 def plain(module: nn.Module) -> bool:
     """A module that serving_graph writes as it is: one of resnet.ResNet's, with the settings the nodes assume
-    (zero padding given as numbers; BatchNorm with its scale, shift and running statistics)."""
+    (zero padding given as numbers; BatchNorm with its scale, shift and running statistics; a Linear with
+    its bias)."""
     if isinstance(module, nn.Conv2d):
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
     if isinstance(module, nn.BatchNorm2d):
         return module.affine and module.running_var is not None
+    if isinstance(module, nn.Linear):
+        return module.bias is not None
     known = (
         BasicBlock,
         Bottleneck,

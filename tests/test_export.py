@@ -127,6 +127,9 @@ def test_other_networks_go_through_the_tracer():
     model = resnet("resnet18", num_classes=2)
     model.layer2[0].conv2 = torch.nn.Conv2d(128, 128, 3, padding=1, padding_mode="reflect", bias=False)
     assert not writable(model, "cross_entropy")
+    model = resnet("resnet18", num_classes=2)
+    model.fc = torch.nn.Linear(512, 2, bias=False)
+    assert not writable(model, "cross_entropy")
 
 
 def test_check_difference_fails_in_one_line_on_a_large_or_nan_difference():
