@@ -134,7 +134,7 @@ def plain(module: nn.Module) -> bool:
         return module.affine and module.running_var is not None
     if isinstance(module, nn.Linear):
         return module.bias is not None
-    known = (
+    return type(module) in (
         BasicBlock,
         Bottleneck,
         nn.Sequential,
@@ -142,9 +142,7 @@ def plain(module: nn.Module) -> bool:
         nn.MaxPool2d,
         ResNet,
         nn.AdaptiveAvgPool2d,
-        nn.Linear,
     )
-    return type(module) in known
 
 
 def writable(model: nn.Module, loss: str) -> bool:
